@@ -1,0 +1,64 @@
+"""GPU memory of one process, as the driver sees it: NVML sampled from a thread of the benchmark process.
+
+This counts everything the worker holds on the GPU (CUDA context, allocator pools, cuDNN/XLA workspaces), which the
+frameworks' own allocator peaks do not. Without a GPU or the NVML library the peak is None and `note` says why.
+"""
+
+from __future__ import annotations
+
+import threading
+
+SAMPLE_INTERVAL_S = 0.05
+
+
+class GpuMemorySampler:
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.peak_bytes: int | None = None
+        self.note = ""
+        self._stop = threading.Event()
+        self._thread = None
+        try:
+            import pynvml  # from nvidia-ml-py
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception as error:  # ImportError, or NVMLError_LibraryNotFound / DriverNotLoaded on GPU-less machines
+            self._handles = []
+            self.note = f"no GPU memory figures: NVML unavailable ({type(error).__name__}: {error})"
+        if self._handles == [] and not self.note:
+            self.note = "no GPU memory figures: NVML sees no GPU"
+
+    def used_bytes(self) -> int | None:
+        """The worker's GPU memory summed over all GPUs now; None if NVML does not list the process."""
+        used = None
+        for handle in self._handles:
+            for process in self._nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if process.pid == self.pid and process.usedGpuMemory is not None:
+                    used = (used or 0) + process.usedGpuMemory
+        return used
+
+    def _sample(self) -> None:
+        while not self._stop.wait(SAMPLE_INTERVAL_S):
+            try:
+                used = self.used_bytes()
+            except self._nvml.NVMLError as error:
+                self.note = f"NVML sampling stopped: {error}"
+                return
+            if used is not None:
+                self.peak_bytes = max(self.peak_bytes or 0, used)
+
+    def __enter__(self):
+        if self._handles:
+            self._thread = threading.Thread(target=self._sample, name=f"nvml-{self.pid}", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            if self.peak_bytes is None:
+                self.note = (f"NVML never listed the worker (pid {self.pid}) as a GPU process: "
+                             "in a container without --pid=host NVML reports other PIDs")

@@ -1,0 +1,60 @@
+"""The run options, declared once for both `pytest bench` (conftest.py) and `python -m bench run` (argparse)."""
+
+from __future__ import annotations
+
+import os
+
+from bench.run import DEFAULT_WORKER_TIMEOUT_S
+from bench.errors import BenchError
+from implementations import contract
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+# (flag, add_argument keywords); None defaults mean "the preset's value".
+RUN_OPTIONS = [
+    ("--preset", dict(default="full", choices=sorted(contract.PRESETS),
+                      help="starting configuration: full (5 epochs, all images) or smoke (a short CPU run); "
+                           "the options below override it")),
+    ("--epochs", dict(type=int, default=None, help="training epochs (full: 5)")),
+    ("--batch-size", dict(type=int, default=None, help="training batch size (full: 128)")),
+    ("--train-subset", dict(type=int, default=None, help="train on the first N images only (full: all 60,000)")),
+    ("--device", dict(default=None, choices=contract.DEVICES, help="auto: CUDA when present, else CPU")),
+    ("--seed", dict(type=int, default=None, help="seed of the initial weights and the data order (default 0)")),
+    ("--precision", dict(default=None, choices=contract.PRECISIONS, help="fp32, or bf16 mixed precision")),
+    ("--no-tf32", dict(action="store_true", default=False, help="CUDA: strict fp32, no TF32 tensor cores")),
+    ("--compile", dict(action="store_true", default=False,
+                       help="use the framework's optional compiler (torch.compile, TensorFlow XLA)")),
+    ("--min-accuracy", dict(type=float, default=None, help="required test accuracy, a fraction (full: 0.993)")),
+    ("--mnist-dir", dict(default=None, help="folder with the four MNIST IDX files (.gz or not); default: $MNIST_DIR, "
+                                            "then the user cache, else a verified download")),
+    ("--no-verify-digests", dict(action="store_true", default=False,
+                                 help="skip the SHA-256 check of the MNIST files (custom data in MNIST format)")),
+    ("--worker-timeout", dict(type=positive_float, default=DEFAULT_WORKER_TIMEOUT_S,
+                              help="seconds one worker call (an epoch, say) may take before the worker is stopped")),
+]
+
+
+def dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def run_config(values: dict) -> contract.RunConfig:
+    """The RunConfig named by parsed option values ({dest: value}); a ConfigError names a bad option."""
+    return contract.preset(values["preset"]).with_options(
+        epochs=values["epochs"], batch_size=values["batch_size"], train_subset=values["train_subset"],
+        device=values["device"], seed=values["seed"], precision=values["precision"], min_accuracy=values["min_accuracy"],
+        allow_tf32=False if values["no_tf32"] else None, compile=True if values["compile"] else None)
+
+
+def mnist_dir(values: dict) -> str | None:
+    folder = values["mnist_dir"] or os.environ.get("MNIST_DIR") or None
+    if folder is not None and not os.path.isdir(folder):
+        source = "--mnist-dir" if values["mnist_dir"] else "MNIST_DIR"
+        raise BenchError(f"{source} {folder!r} is not a folder; point it at the folder that holds the MNIST IDX files")
+    return folder

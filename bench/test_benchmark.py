@@ -1,0 +1,35 @@
+"""The benchmark: each framework trains the shared ResNet18 recipe in its own worker, one pytest-benchmark round per epoch.
+
+Warm-up (compilation, tracing) happens before the timed rounds; evaluation runs between rounds, untimed. The test then
+asserts the accuracy target, so a fast but wrong implementation fails here.
+"""
+
+import pytest
+
+from bench.run import FrameworkRun, accuracy_failure
+from bench.worker import WorkerError
+
+
+def test_train(benchmark, framework, run_config, run_records, pytestconfig):
+    benchmark.group = f"mnist-resnet18 epoch time (batch {run_config.batch_size})"
+    run = FrameworkRun(framework, run_config, pytestconfig.bench_mnist_dir,
+                       verify_digests=not pytestconfig.getoption("no_verify_digests"),
+                       timeout_s=pytestconfig.getoption("worker_timeout"))
+    failure = None
+    try:
+        with run:
+            run.warm_up()
+            benchmark.pedantic(run.train_epoch, setup=run.evaluate_new_epoch, rounds=run_config.epochs, iterations=1)
+            while len(run.epoch_results) < run_config.epochs:  # --benchmark-disable runs the rounds' function once
+                run.train_epoch()
+                run.evaluate_new_epoch()
+            record = run.record()
+    except WorkerError as error:
+        failure = str(error)
+    if failure:  # outside the except block: the message alone, no chained traceback
+        pytest.fail(failure, pytrace=False)
+    benchmark.extra_info.update(record)
+    run_records.append(record)
+    failure = accuracy_failure(record)
+    if failure:
+        pytest.fail(failure, pytrace=False)

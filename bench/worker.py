@@ -1,0 +1,119 @@
+"""One framework, one process: a spawned worker that owns the framework, its trainer and its device memory.
+
+The benchmark process talks to it through a pipe: `call("train_epoch", 0)` runs `trainer.train_epoch(0)` in the worker
+and returns the result. A crash, a hang past the time limit, or an exception inside the framework comes back as a
+`WorkerError` that names the framework; the benchmark process itself never imports a framework.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import signal
+import traceback
+
+from bench.errors import BenchError
+
+# What the benchmark process may ask of a trainer (plus "peak_rss_bytes" and "build", served by the worker itself).
+TRAINER_METHODS = frozenset({
+    "environment", "warm_up", "train_step", "train_epoch", "evaluate", "logits", "learning_rates",
+    "import_weights", "export_weights", "memory_peak_bytes",
+})
+
+
+class WorkerError(BenchError):
+    """The framework's worker failed: it raised, crashed, or ran past its time limit."""
+
+
+def serve(connection, module: str) -> None:
+    """The worker's main loop: build one trainer, then run the methods the benchmark process asks for."""
+    trainer = None
+    while True:
+        try:
+            method, args = connection.recv()
+        except EOFError:  # the benchmark process went away
+            return
+        try:
+            if method == "build":
+                trainer = build_trainer(module, *args)
+                result = None
+            elif method == "peak_rss_bytes":
+                result = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+            elif method in TRAINER_METHODS and trainer is not None:
+                result = getattr(trainer, method)(*args)
+            else:
+                raise RuntimeError(f"unknown worker call {method!r} (or 'build' was not called first)")
+            connection.send(("ok", result))
+        except BaseException as error:  # everything goes back to the benchmark process, which decides
+            from implementations.contract import ConfigError
+
+            expected = isinstance(error, (BenchError, ConfigError))  # its message says it all: no traceback
+            connection.send(("error", f"{type(error).__name__}: {error}", "" if expected else traceback.format_exc()))
+
+
+def build_trainer(module: str, config, mnist_dir, verify_digests: bool, weights):
+    from bench.data import load_mnist
+    from implementations import contract, load_trainer_class
+
+    mnist = load_mnist(mnist_dir, verify_digests=verify_digests)
+    data = contract.prepare_data(*mnist, config)
+    return load_trainer_class(module)(config, data, weights if weights is not None else contract.initial_weights(config.seed))
+
+
+class FrameworkWorker:
+    """A spawned process serving one framework's trainer. Use as a context manager, or call close()."""
+
+    def __init__(self, framework: str, module: str, timeout_s: float):
+        self.framework, self.timeout_s = framework, timeout_s
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no framework state inherited
+        self.connection, child_end = context.Pipe()
+        self.process = context.Process(target=serve, args=(child_end, module), name=f"bench-{framework}", daemon=True)
+        self.process.start()
+        child_end.close()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def call(self, method: str, *args, timeout_s: float | None = None):
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            self.connection.send((method, args))
+            ready = self.connection.poll(timeout_s)
+            reply = self.connection.recv() if ready else None
+        except (EOFError, OSError):
+            raise self.died(method) from None
+        if reply is None:
+            self.close()
+            raise WorkerError(f"{self.framework}: '{method}' ran past its {timeout_s:.0f} s limit; the worker was stopped "
+                              "(raise --worker-timeout if the run is just slow)")
+        if reply[0] == "error":
+            _, message, remote_traceback = reply
+            raise WorkerError(f"{self.framework}: '{method}' failed in the worker: {message}\n{remote_traceback}".rstrip())
+        return reply[1]
+
+    def died(self, method: str) -> WorkerError:
+        self.process.join(5)
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            cause = " (the kernel's out-of-memory killer sends this)" if -code == signal.SIGKILL else ""
+            how = f"was killed by {name}{cause}"
+        else:
+            how = f"exited with code {code}"
+        return WorkerError(f"{self.framework}: the worker process (pid {self.pid}) {how} during '{method}'")
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.connection.close()  # the worker's recv() sees EOF and returns
+            self.process.join(10)
+            if self.process.is_alive():
+                os.kill(self.pid, signal.SIGKILL)
+                self.process.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,40 @@
+"""One package per framework, each implementing `contract.Trainer`; this registry names them without importing them.
+
+The benchmark process never imports a framework: it reads this table, checks with importlib whether the framework's
+packages are installed, and hands the module path to a worker process, which imports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import NamedTuple
+
+
+class Framework(NamedTuple):
+    name: str
+    module: str  # "package.module:TrainerClass"
+    requires: tuple[str, ...]  # import names that must be installed
+    install_hint: str
+
+
+FRAMEWORKS = {
+    f.name: f
+    for f in (
+        Framework("pytorch", "implementations.pytorch.trainer:TorchTrainer", ("torch",), "pip install '.[pytorch]'"),
+        Framework("tensorflow", "implementations.tensorflow.trainer:KerasTrainer", ("tensorflow",), "pip install '.[tensorflow]'"),
+        Framework("jax", "implementations.jax_haiku.trainer:HaikuTrainer", ("jax", "haiku", "optax"), "pip install '.[jax]'"),
+        Framework("lightning", "implementations.lightning.trainer:LightningTrainer", ("torch", "pytorch_lightning"),
+                  "pip install '.[lightning]'"),
+    )
+}
+
+
+def missing_packages(framework: Framework) -> list[str]:
+    return [name for name in framework.requires if importlib.util.find_spec(name) is None]
+
+
+def load_trainer_class(module: str):
+    """Import "package.module:Class" (inside a worker process)."""
+    module_name, _, class_name = module.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)

@@ -1,0 +1,325 @@
+"""The shared training contract: what every framework trains, on what data, in what order, from which weights.
+
+Everything framework-neutral lives here, once, in numpy: the run configuration, the recipe constants (in PyTorch's
+conventions), the learning-rate schedule, the per-epoch data order, the canonical weight format with its initializer,
+and the `Trainer` interface that each `implementations/<framework>/` package implements. A framework file translates
+these; it never restates them.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+
+
+class ConfigError(ValueError):
+    """A run option, or a set of weights, that cannot be used; the message names it and says how to fix it."""
+
+
+# --- Recipe (identical in every framework) ---------------------------------------------------------------------------
+PIXEL_MEAN, PIXEL_STD = 0.1307, 0.3081  # of MNIST train pixels scaled to [0, 1]
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.1  # PyTorch's convention: running = (1 - 0.1) * running + 0.1 * batch (Keras and Haiku call 0.9 the decay)
+SGD_MOMENTUM = 0.9  # PyTorch's formulation: buf = 0.9 * buf + grad; param -= lr * buf
+PEAK_LEARNING_RATE = 0.1  # He et al.'s 0.1 for BatchNorm ResNets with batch ~128-256
+WARMUP_FRACTION = 0.1  # of all steps; warm-up keeps the first steps, from BatchNorm's start-up statistics, stable
+EVAL_BATCH_SIZE = 1000  # divides the 10,000 test images: every evaluation batch has the same static shape
+
+# --- Model: torchvision's ResNet18 for 1-channel 28x28 images and 10 classes -------------------------------------------
+STAGE_WIDTHS = (64, 128, 256, 512)
+BLOCKS_PER_STAGE = (2, 2, 2, 2)
+NUM_CLASSES = 10
+TRAINABLE_PARAMETERS = 11_175_370
+
+
+# --- Run configuration -----------------------------------------------------------------------------------------------
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")  # bf16: mixed precision, bf16 compute with fp32 weights, like torch.autocast
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    epochs: int = 5
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA when the framework sees a GPU, else CPU
+    precision: str = "fp32"
+    allow_tf32: bool = True  # CUDA only: TF32 tensor cores for fp32 matmuls/convolutions (off: strict fp32)
+    compile: bool = False  # the framework's optional graph compiler: torch.compile, TensorFlow XLA (JAX always jits)
+    train_subset: int | None = None  # first N training images; None: all 60,000
+    min_accuracy: float = 0.993  # test accuracy the run must reach (fraction)
+
+    def __post_init__(self):
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{option(name)} must be a positive integer, got {value!r}")
+        if self.train_subset is not None and (not isinstance(self.train_subset, int) or self.train_subset < 1):
+            raise ConfigError(f"--train-subset must be a positive integer (or omitted for all images), got {self.train_subset!r}")
+        if self.train_subset is not None and self.train_subset < self.batch_size:
+            raise ConfigError(f"--train-subset {self.train_subset} is smaller than --batch-size {self.batch_size}: "
+                              "an epoch would have no full batch; raise the subset or lower the batch size")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not 0.0 <= self.min_accuracy <= 1.0:
+            raise ConfigError(f"--min-accuracy is a fraction in [0, 1] (0.993 for 99.3%), got {self.min_accuracy!r}")
+
+    def with_options(self, **overrides) -> RunConfig:
+        """This configuration with the given options replaced; None means 'keep', unknown names fail loudly."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown run option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def option(name: str) -> str:
+    return name.replace("_", "-")
+
+
+PRESETS = {
+    "full": RunConfig(),
+    # The test command's preset: a short run on 2 CPU cores that still has to learn (measured: ~97% for every framework).
+    "smoke": RunConfig(epochs=2, train_subset=4096, min_accuracy=0.9),
+}
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# --- Data: normalized once, in numpy, so every framework sees bit-identical inputs --------------------------------------
+class Data(NamedTuple):
+    train_images: np.ndarray  # [N, 1, 28, 28] float32, normalized (NCHW; NHWC frameworks transpose once)
+    train_labels: np.ndarray  # [N] int32
+    test_images: np.ndarray  # [10000, 1, 28, 28] float32
+    test_labels: np.ndarray  # [10000] int32
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28]: scaled to [0, 1], then standardized."""
+    scaled = images.astype(np.float32) / np.float32(255)
+    return ((scaled - np.float32(PIXEL_MEAN)) / np.float32(PIXEL_STD))[:, None, :, :]
+
+
+def prepare_data(train_images, train_labels, test_images, test_labels, config: RunConfig) -> Data:
+    n = len(train_images) if config.train_subset is None else config.train_subset
+    if n > len(train_images):
+        raise ConfigError(f"--train-subset {n} is larger than the {len(train_images)} training images")
+    return Data(normalize(train_images[:n]), train_labels[:n].astype(np.int32),
+                normalize(test_images), test_labels.astype(np.int32))
+
+
+def steps_per_epoch(num_train: int, batch_size: int) -> int:
+    return num_train // batch_size  # the last partial batch is dropped: shapes stay static
+
+
+def epoch_batches(seed: int, epoch: int, num_train: int, batch_size: int) -> np.ndarray:
+    """[steps, batch_size] training indices of one epoch: the same permutation in every framework."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_train)
+    steps = steps_per_epoch(num_train, batch_size)
+    return order[: steps * batch_size].reshape(steps, batch_size)
+
+
+def label_digest(labels) -> str:
+    """Order-sensitive fingerprint of a label sequence: proves which batches a framework consumed, in which order."""
+    return hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+# --- Learning-rate schedule: one pure function of the step ---------------------------------------------------------
+def learning_rate(step: int, total_steps: int) -> float:
+    """Linear warm-up to the peak over the first 10% of steps, then linear decay towards zero (airbench's triangle).
+
+    Piecewise linear, so that every framework can evaluate it exactly; step 0 already trains (peak / warmup_steps).
+    """
+    warmup_steps = max(1, math.ceil(WARMUP_FRACTION * total_steps))
+    if step < warmup_steps:
+        return PEAK_LEARNING_RATE * (step + 1) / warmup_steps
+    return PEAK_LEARNING_RATE * (total_steps - step) / max(1, total_steps - warmup_steps)
+
+
+def learning_rate_table(config: RunConfig, num_train: int) -> np.ndarray:
+    """float32 learning rate of every step of the run: what each framework's schedule looks up by step."""
+    total = config.epochs * steps_per_epoch(num_train, config.batch_size)
+    return np.array([learning_rate(step, total) for step in range(total)], dtype=np.float32)
+
+
+# --- Canonical weights: PyTorch's names and layouts -----------------------------------------------------------------
+Weights = dict  # name -> np.ndarray float32; OIHW convolutions, [out, in] linear, BatchNorm weight/bias/running stats
+BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
+
+
+def canonical_shapes() -> dict[str, tuple[int, ...]]:
+    """Every canonical tensor in torchvision's state_dict order (without BatchNorm's num_batches_tracked)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name, out_ch, in_ch, k):
+        shapes[f"{name}.weight"] = (out_ch, in_ch, k, k)
+
+    def batchnorm(name, ch):
+        for f in BN_FIELDS:
+            shapes[f"{name}.{f}"] = (ch,)
+
+    conv("conv1", STAGE_WIDTHS[0], 1, 7)
+    batchnorm("bn1", STAGE_WIDTHS[0])
+    in_ch = STAGE_WIDTHS[0]
+    for stage, (width, blocks) in enumerate(zip(STAGE_WIDTHS, BLOCKS_PER_STAGE), start=1):
+        for block in range(blocks):
+            prefix = f"layer{stage}.{block}"
+            conv(f"{prefix}.conv1", width, in_ch, 3)
+            batchnorm(f"{prefix}.bn1", width)
+            conv(f"{prefix}.conv2", width, width, 3)
+            batchnorm(f"{prefix}.bn2", width)
+            if block == 0 and stage > 1:
+                conv(f"{prefix}.downsample.0", width, in_ch, 1)
+                batchnorm(f"{prefix}.downsample.1", width)
+            in_ch = width
+    shapes["fc.weight"] = (NUM_CLASSES, STAGE_WIDTHS[-1])
+    shapes["fc.bias"] = (NUM_CLASSES,)
+    return shapes
+
+
+def is_trainable(name: str) -> bool:
+    return not name.endswith(("running_mean", "running_var"))
+
+
+def trainable_parameter_count(weights: Weights) -> int:
+    return sum(int(np.prod(w.shape)) for name, w in weights.items() if is_trainable(name))
+
+
+def initial_weights(seed: int) -> Weights:
+    """torchvision's ResNet initialization, drawn with numpy: every framework starts from these exact values.
+
+    Convolutions: kaiming normal, fan_out, gain sqrt(2); BatchNorm: weight 1, bias 0, running mean 0, variance 1;
+    linear: PyTorch's default, uniform(+-1/sqrt(fan_in)) for weight and bias.
+    """
+    rng = np.random.default_rng([seed, 0x5EED])
+    weights: Weights = {}
+    for name, shape in canonical_shapes().items():
+        if len(shape) == 4:  # convolution, OIHW
+            fan_out = shape[0] * shape[2] * shape[3]
+            weights[name] = rng.normal(0.0, math.sqrt(2.0 / fan_out), shape)
+        elif name.startswith("fc."):
+            bound = 1.0 / math.sqrt(STAGE_WIDTHS[-1])
+            weights[name] = rng.uniform(-bound, bound, shape)
+        elif name.endswith(("weight", "running_var")):
+            weights[name] = np.ones(shape)
+        else:
+            weights[name] = np.zeros(shape)
+    return {name: w.astype(np.float32) for name, w in weights.items()}
+
+
+def check_weights(weights: Weights, source: str = "weights") -> Weights:
+    """The weights, as float32 arrays, if they are complete canonical ResNet18 weights; else a ConfigError saying why."""
+    expected = canonical_shapes()
+    missing = [n for n in expected if n not in weights]
+    unexpected = [n for n in weights if n not in expected]
+    if missing or unexpected:
+        raise ConfigError(f"{source}: not canonical ResNet18 weights; missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+                          f" unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    checked = {}
+    for name, shape in expected.items():
+        array = np.asarray(weights[name])
+        if array.shape != shape:
+            raise ConfigError(f"{source}: {name} has shape {array.shape}, expected {shape} (PyTorch layout: OIHW, [out, in])")
+        if not np.all(np.isfinite(array)):
+            raise ConfigError(f"{source}: {name} holds NaN or infinite values")
+        checked[name] = array.astype(np.float32)
+    return checked
+
+
+# --- The trainer every framework implements --------------------------------------------------------------------------
+class EpochResult(NamedTuple):
+    mean_loss: float
+    images: int  # images trained on
+    seconds: float  # measured inside the worker, after the synchronizing read
+    label_digest: str  # label_digest() of the labels the epoch's steps consumed
+
+
+class Evaluation(NamedTuple):
+    loss: float
+    accuracy: float  # fraction of the 10,000 test images
+    images: int
+
+
+@dataclass
+class Trainer(abc.ABC):
+    """One framework's training of the shared recipe; the benchmark worker drives it through these methods only.
+
+    `__init__` builds the model from `weights` and moves `data` to the device once. Steps are counted from 0 from the
+    last import_weights(); each step's learning rate is `schedule[step]`.
+    """
+
+    framework: ClassVar[str]  # the name in the registry, e.g. "pytorch"
+    config: RunConfig
+    data: Data
+    weights: Weights
+    schedule: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.schedule = learning_rate_table(self.config, len(self.data.train_labels))
+        self.build(check_weights(self.weights))
+
+    @abc.abstractmethod
+    def build(self, weights: Weights) -> None:
+        """Create model, optimizer and device data; start from `weights`."""
+
+    @abc.abstractmethod
+    def environment(self) -> dict:
+        """{"framework": ..., "framework_version": ..., "device": human-readable device name}."""
+
+    @abc.abstractmethod
+    def import_weights(self, weights: Weights) -> None:
+        """Start afresh from canonical `weights`: model and BatchNorm statistics set, optimizer state zeroed, step 0."""
+
+    @abc.abstractmethod
+    def export_weights(self) -> Weights:
+        """The current model as canonical weights (numpy float32, PyTorch names and layouts)."""
+
+    @abc.abstractmethod
+    def train_step(self, images: np.ndarray, labels: np.ndarray) -> float:
+        """One SGD step on a host batch ([B, 1, 28, 28] normalized, [B]) at the current step's learning rate; the loss."""
+
+    @abc.abstractmethod
+    def train_epoch(self, epoch: int) -> EpochResult:
+        """Train on epoch_batches(seed, epoch, ...) from device-resident data; synchronized before it returns."""
+
+    @abc.abstractmethod
+    def evaluate(self) -> Evaluation:
+        """Eval-mode loss and accuracy on all test images, EVAL_BATCH_SIZE at a time."""
+
+    @abc.abstractmethod
+    def logits(self, images: np.ndarray, train: bool) -> np.ndarray:
+        """[B, 10] logits of a host batch; train=True normalizes with batch statistics, as a training forward pass does
+        (it may update the BatchNorm running statistics too: callers that care import weights afterwards)."""
+
+    @abc.abstractmethod
+    def learning_rates(self, steps: np.ndarray) -> np.ndarray:
+        """The learning rate the framework's own schedule mechanism gives at each of `steps`."""
+
+    @abc.abstractmethod
+    def memory_peak_bytes(self) -> int | None:
+        """The framework allocator's peak device memory; None where the allocator does not report one (CPU)."""
+
+    def warm_up(self) -> None:
+        """Compile/trace on the real shapes (a few steps, one evaluation), then restore the initial state.
+
+        Frameworks whose epoch runs another compiled path than train_step override this to compile that path too.
+        """
+        batches = epoch_batches(self.config.seed, 0, len(self.data.train_labels), self.config.batch_size)[:3]
+        for indices in batches:
+            self.train_step(self.data.train_images[indices], self.data.train_labels[indices])
+        self.evaluate()
+        self.import_weights(check_weights(self.weights))
