@@ -142,12 +142,13 @@ def label_digest(labels) -> str:
 def learning_rate(step: int, total_steps: int) -> float:
     """Linear warm-up to the peak over the first 10% of steps, then linear decay towards zero (airbench's triangle).
 
-    Piecewise linear, so that every framework can evaluate it exactly; step 0 already trains (peak / warmup_steps).
+    Piecewise linear, so that every framework can evaluate it exactly; step 0 already trains (peak / warmup_steps), the
+    peak is reached at the last warm-up step and the last step still trains (peak / (decay steps + 1)).
     """
     warmup_steps = max(1, math.ceil(WARMUP_FRACTION * total_steps))
     if step < warmup_steps:
         return PEAK_LEARNING_RATE * (step + 1) / warmup_steps
-    return PEAK_LEARNING_RATE * (total_steps - step) / max(1, total_steps - warmup_steps)
+    return PEAK_LEARNING_RATE * (total_steps - step) / (total_steps - warmup_steps + 1)
 
 
 def learning_rate_table(config: RunConfig, num_train: int) -> np.ndarray:

@@ -163,16 +163,24 @@ class TorchTrainer(contract.Trainer):
     # --- Canonical weights -------------------------------------------------------------------------------------------
     # The canonical format is PyTorch's own state_dict, less BatchNorm's num_batches_tracked (unused with a momentum).
     def import_weights(self, weights):
-        state = self.model.state_dict()
-        with torch.no_grad():
-            for name, array in contract.check_weights(weights).items():
-                state[name].copy_(torch.from_numpy(array))
+        import_canonical(self.model, weights)
         self.optimizer = make_optimizer(self.model)
         self.step = 0
 
     def export_weights(self):
-        state = self.model.state_dict()
-        return {name: state[name].detach().float().cpu().contiguous().numpy().copy() for name in contract.canonical_shapes()}
+        return export_canonical(self.model)
+
+
+def import_canonical(model: nn.Module, weights: contract.Weights) -> None:
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, array in contract.check_weights(weights).items():
+            state[name].copy_(torch.from_numpy(array))  # copy_ keeps the parameter's channels-last layout
+
+
+def export_canonical(model: nn.Module) -> contract.Weights:
+    state = model.state_dict()
+    return {name: state[name].detach().float().cpu().contiguous().numpy().copy() for name in contract.canonical_shapes()}
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.SGD:

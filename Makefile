@@ -1,0 +1,31 @@
+# The two commands of the README:
+#   make bench   set up (once) and benchmark every installed framework; results are kept in results/history/
+#   make test    set up (once) and run the harness tests, the parity suite and a short benchmark gated on accuracy
+# Pass benchmark options with ARGS, e.g.  make bench ARGS="--frameworks=pytorch,jax --epochs 3"
+
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+# Machines with an NVIDIA driver get the CUDA builds of every framework; others the CPU builds.
+EXTRAS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(EXTRAS)
+HISTORY := file://results/history
+ARGS ?=
+
+.PHONY: setup bench test
+
+setup: $(STAMP)
+
+# Re-installs only when the packaging changes; an existing environment is reused.
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet --editable '.[$(EXTRAS),dev]'
+	touch $@
+
+bench: setup
+	$(PYTHON) -m bench.data fetch $(if $(MNIST_DIR),--mnist-dir $(MNIST_DIR))
+	$(PYTHON) -m pytest bench --benchmark-autosave --benchmark-storage=$(HISTORY) $(ARGS)
+
+test: setup
+	$(PYTHON) -m pytest tests
+	$(PYTHON) -m pytest bench --preset smoke --benchmark-autosave --benchmark-storage=$(HISTORY)-ci $(ARGS)

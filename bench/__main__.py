@@ -1,0 +1,103 @@
+"""`python -m bench run FRAMEWORK [options]`: one framework's standalone run, with progress and a summary.
+
+The same run as `pytest bench --frameworks=FRAMEWORK`, without pytest: warm-up, timed epochs, evaluation after each,
+the accuracy check. `--output FILE` keeps the record as JSON (written atomically; an existing file is never replaced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bench import options
+from bench.errors import BenchError
+from bench.run import FrameworkRun, accuracy_failure, require_installed, resolve_framework
+from bench.summary import summary_table
+from implementations import FRAMEWORKS, contract
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    if path.exists():
+        raise BenchError(f"--output {path} exists: choose another file name (results are never overwritten)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        json.dump(payload, tmp, indent=2)
+    try:
+        os.link(tmp.name, path)  # fails if `path` appeared meanwhile, unlike a rename
+    finally:
+        os.unlink(tmp.name)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    values = vars(args)
+    config = options.run_config(values)
+    framework = resolve_framework(args.framework)
+    require_installed(framework)
+    output = Path(args.output) if args.output else None
+    if output is not None and output.exists():
+        raise BenchError(f"--output {output} exists: choose another file name (results are never overwritten)")
+    console.print(f"[bold]{framework.name}[/]: {config.epochs} epoch(s), batch {config.batch_size}, "
+                  f"{config.train_subset or 'all'} training images, device {config.device}, seed {config.seed}")
+    with FrameworkRun(framework, config, options.mnist_dir(values), not args.no_verify_digests, args.worker_timeout) as run:
+        console.print(f"worker ready on {run.environment['device']} ({framework.name} {run.environment['framework_version']}); warming up")
+        run.warm_up()
+        console.print(f"warm-up {run.warmup_s:.1f} s")
+        columns = (TextColumn("epoch {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.description}"),
+                   TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("training", total=config.epochs)
+
+            def show(run: FrameworkRun) -> None:
+                result, evaluation = run.epoch_results[-1], run.evaluations[-1]
+                progress.console.print(f"epoch {len(run.epoch_results)}: {run.epoch_seconds[-1]:.2f} s, "
+                                       f"{result.images / run.epoch_seconds[-1]:,.0f} images/s, train loss {result.mean_loss:.4f}, "
+                                       f"test accuracy {evaluation.accuracy:.2%}")
+                progress.update(task, advance=1, description=f"test accuracy {evaluation.accuracy:.2%}")
+
+            run.train(on_epoch=show)
+        record = run.record()
+    console.print(summary_table([record]))
+    console.print(f"epoch times: {', '.join(f'{s:.2f}' for s in record['epoch_seconds'])} s "
+                  f"(median {statistics.median(record['epoch_seconds']):.2f} s)")
+    for note in record["notes"]:
+        console.print(f"note: {note}")
+    if output is not None:
+        write_json_atomically(output, record)
+        console.print(f"record written to {output}")
+    failure = accuracy_failure(record)
+    if failure:
+        console.print(f"[red]FAILED[/]: {failure}")
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="train one framework and print a summary")
+    run_parser.add_argument("framework", help=f"one of {', '.join(FRAMEWORKS)}")
+    for flag, kwargs in options.RUN_OPTIONS:
+        run_parser.add_argument(flag, **kwargs)
+    run_parser.add_argument("--output", help="also write the run's record to this JSON file (must not exist)")
+    args = parser.parse_args(argv)
+    console = Console(stderr=False)
+    try:
+        return run(args, console)
+    except (BenchError, contract.ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Fixtures of the harness tests: real MNIST and real framework workers, shared across a session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bench.worker import FrameworkWorker
+from implementations import contract
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "mnist"  # the copy that CI and developers have beside the checkout
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(pytestconfig) -> str:
+    folder = pytestconfig.bench_mnist_dir or (str(SHARED_MNIST) if SHARED_MNIST.is_dir() else None)
+    if folder is None:
+        pytest.fail("the harness tests need MNIST: set MNIST_DIR or --mnist-dir", pytrace=False)
+    return folder
+
+
+class WorkerPool:
+    """One built worker per (framework, configuration, replica), started on first use and kept for the session."""
+
+    def __init__(self, mnist_dir: str):
+        self.mnist_dir, self.workers = mnist_dir, {}
+
+    def get(self, framework, config: contract.RunConfig, replica: int = 0) -> FrameworkWorker:
+        key = (framework.name, config, replica)
+        if key not in self.workers:
+            worker = FrameworkWorker(framework.name, framework.module, timeout_s=900)
+            try:
+                worker.call("build", config, self.mnist_dir, True, None)
+            except BaseException:
+                worker.close()
+                raise
+            self.workers[key] = worker
+        return self.workers[key]
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            worker.close()
+
+
+@pytest.fixture(scope="session")
+def workers(mnist_dir):
+    pool = WorkerPool(mnist_dir)
+    yield pool
+    pool.close()
+

@@ -1,0 +1,35 @@
+"""Implementations that fail the way real ones do, run by the harness tests through --framework-module.
+
+They are the PyTorch reference with one fault each, so the failures come from a real framework in a real worker.
+"""
+
+import os
+import signal
+import time
+
+import torch
+
+from implementations.pytorch.trainer import TorchTrainer
+
+
+class RaisingTrainer(TorchTrainer):
+    """A shape bug: PyTorch itself raises inside the epoch."""
+
+    def train_epoch(self, epoch):
+        self.network(torch.zeros(2, 3, 28, 28))  # 3 channels into a 1-channel stem
+        return super().train_epoch(epoch)
+
+
+class SelfKillingTrainer(TorchTrainer):
+    """Dies mid-epoch the way the out-of-memory killer ends a process: SIGKILL, no goodbye."""
+
+    def train_epoch(self, epoch):
+        self.train_step(self.data.train_images[:128], self.data.train_labels[:128])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class HangingTrainer(TorchTrainer):
+    """Never finishes its epoch (a deadlock, say)."""
+
+    def train_epoch(self, epoch):
+        time.sleep(3600)

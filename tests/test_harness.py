@@ -1,0 +1,182 @@
+"""The harness: worker isolation and failure reporting, the benchmark's record, the CLI, the shared contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.data import load_mnist
+from bench.run import FrameworkRun
+from bench.worker import FrameworkWorker, WorkerError
+from implementations import FRAMEWORKS, Framework, contract
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+SMOKE = contract.PRESETS["smoke"]
+EXTRA_INFO_FIELDS = {
+    "framework", "framework_version", "device", "epochs", "batch_size", "train_images", "images_per_second",
+    "test_accuracy", "test_loss", "epoch_test_accuracy", "time_to_target_s", "warmup_s", "trainable_parameters",
+    "gpu_memory_peak_bytes", "allocator_peak_bytes", "peak_rss_bytes", "epoch_seconds", "epoch_label_digests",
+}
+
+
+def faulty(name: str) -> Framework:
+    return Framework(name, f"faulty_trainers:{name}", (), "")
+
+
+def run_python(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(TESTS), **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=environment)
+
+
+# --- The benchmark session: records, JSON, failures isolated per framework ------------------------------------------
+@pytest.fixture(scope="module")
+def bench_session(tmp_path_factory, mnist_dir):
+    """One real `pytest bench` session: two broken implementations and PyTorch, with the smoke preset."""
+    out = tmp_path_factory.mktemp("bench") / "out.json"
+    result = run_python(
+        "-m", "pytest", "bench", "--preset", "smoke", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
+        "--frameworks=raising,selfkill,pytorch", f"--benchmark-json={out}",
+        "--framework-module", "raising=faulty_trainers:RaisingTrainer",
+        "--framework-module", "selfkill=faulty_trainers:SelfKillingTrainer")
+    return result, json.loads(out.read_text())
+
+
+def test_failing_frameworks_fail_alone_with_clear_messages(bench_session):
+    result, _ = bench_session
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "2 failed, 1 passed" in output, output
+    assert "raising: 'train_epoch' failed in the worker: RuntimeError" in output, output
+    assert "selfkill: the worker process" in output and "was killed by SIGKILL" in output, output
+
+
+def test_benchmark_json_has_per_epoch_rounds_and_every_field(bench_session, mnist_dir):
+    _, report = bench_session
+    (entry,) = [b for b in report["benchmarks"] if b["extra_info"].get("framework") == "pytorch"]
+    assert entry["stats"]["rounds"] == SMOKE.epochs and len(entry["stats"]["data"]) == SMOKE.epochs
+    info = entry["extra_info"]
+    assert EXTRA_INFO_FIELDS <= set(info), EXTRA_INFO_FIELDS - set(info)
+    assert info["trainable_parameters"] == contract.TRAINABLE_PARAMETERS
+    assert info["train_images"] == 4096 and info["epochs"] == SMOKE.epochs and info["batch_size"] == 128
+    assert len(info["epoch_test_accuracy"]) == SMOKE.epochs and info["test_accuracy"] >= SMOKE.min_accuracy
+    assert info["images_per_second"] > 0 and info["peak_rss_bytes"] > 100 * 2**20
+    assert np.isclose(info["epoch_seconds"], entry["stats"]["data"], rtol=0.05, atol=0.05).all()
+    labels = load_mnist(mnist_dir).train_labels[:info["train_images"]]
+    assert info["epoch_label_digests"] == [contract.label_digest(labels[contract.epoch_batches(0, epoch, len(labels), 128)])
+                                           for epoch in range(SMOKE.epochs)]
+    if info["device"] == "CPU":  # no GPU: recorded nulls and a note, never an error
+        assert info["gpu_memory_peak_bytes"] is None and info["allocator_peak_bytes"] is None
+        assert any("NVML" in note for note in info["notes"])
+
+
+# --- The worker in isolation ----------------------------------------------------------------------------------------
+def test_worker_killed_mid_epoch_reports_the_signal(mnist_dir):
+    framework = FRAMEWORKS["pytorch"]
+    with FrameworkWorker("pytorch", framework.module, timeout_s=300) as worker:
+        worker.call("build", SMOKE, mnist_dir, True, None)
+        threading.Timer(1.0, os.kill, (worker.pid, signal.SIGKILL)).start()  # the epoch takes ~3 s
+        with pytest.raises(WorkerError, match=r"pytorch: the worker process \(pid \d+\) was killed by SIGKILL .* during 'train_epoch'"):
+            worker.call("train_epoch", 0)
+
+
+def test_worker_past_its_time_limit_is_stopped(mnist_dir):
+    with FrameworkWorker("hanging", faulty("HangingTrainer").module, timeout_s=300) as worker:
+        worker.call("build", SMOKE, mnist_dir, True, None)
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match=r"hanging: 'train_epoch' ran past its 3 s limit; the worker was stopped"):
+            worker.call("train_epoch", 0, timeout_s=3)
+        assert time.monotonic() - start < 20 and not worker.process.is_alive()
+
+
+def test_user_errors_in_the_worker_come_back_without_a_traceback(mnist_dir):
+    run = FrameworkRun(FRAMEWORKS["pytorch"], SMOKE.with_options(train_subset=70_000), mnist_dir)
+    with pytest.raises(WorkerError) as caught:
+        run.__enter__()
+    assert "--train-subset 70000 is larger than the 60000 training images" in str(caught.value)
+    assert "Traceback" not in str(caught.value)
+
+
+# --- The CLI ----------------------------------------------------------------------------------------------------------
+def test_cli_run_prints_a_summary_and_keeps_the_record(tmp_path, mnist_dir):
+    out = tmp_path / "run.json"
+    args = ["-m", "bench", "run", "pytorch", "--preset", "smoke", "--epochs", "1", "--min-accuracy", "0",
+            "--mnist-dir", mnist_dir, "--output", str(out)]
+    result = run_python(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "epoch 1:" in result.stdout and "images/s" in result.stdout and "| pytorch |" in result.stdout
+    record = json.loads(out.read_text())
+    assert record["epochs"] == 1 and EXTRA_INFO_FIELDS <= set(record)
+    again = run_python(*args)  # the record is never overwritten
+    assert again.returncode == 2 and f"--output {out} exists" in again.stderr and "Traceback" not in again.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train-subset", "10"], "--train-subset 10 is smaller than --batch-size 128"),
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--min-accuracy", "99.3"], "--min-accuracy is a fraction in [0, 1]"),
+    (["--device", "cuda"], "--device cuda: PyTorch sees no CUDA GPU"),
+    (["--mnist-dir", "/nonexistent"], "--mnist-dir '/nonexistent' is not a folder"),
+])
+def test_cli_bad_options_give_one_line_errors(args, message, mnist_dir):
+    if args[0] == "--device" and os.path.exists("/dev/nvidiactl"):
+        pytest.skip("this machine has a GPU")
+    if args[0] != "--mnist-dir":
+        args = [*args, "--mnist-dir", mnist_dir]
+    result = run_python("-m", "bench", "run", "pytorch", "--preset", "smoke", *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_pytest_bench_rejects_bad_options_before_running(mnist_dir):
+    result = run_python("-m", "pytest", "bench", "--frameworks=pytorch,cobol", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider")
+    assert result.returncode == 4 and "unknown framework 'cobol'" in result.stderr, result.stderr
+
+
+# --- The shared contract ----------------------------------------------------------------------------------------------
+def test_canonical_weights_are_resnet18_with_torchvision_init():
+    weights = contract.initial_weights(0)
+    assert contract.trainable_parameter_count(weights) == contract.TRAINABLE_PARAMETERS == 11_175_370
+    assert weights["conv1.weight"].shape == (64, 1, 7, 7) and weights["fc.weight"].shape == (10, 512)
+    assert "layer2.0.downsample.0.weight" in weights and "layer1.0.downsample.0.weight" not in weights
+    conv = weights["layer4.1.conv2.weight"]
+    assert np.isclose(conv.std(), np.sqrt(2 / (512 * 9)), rtol=0.01)  # kaiming normal, fan_out
+    assert np.abs(weights["fc.bias"]).max() <= 1 / np.sqrt(512)
+    assert all(np.array_equal(a, b) for a, b in zip(weights.values(), contract.initial_weights(0).values()))
+    assert not np.array_equal(weights["conv1.weight"], contract.initial_weights(1)["conv1.weight"])
+
+
+def test_check_weights_names_the_problem():
+    weights = contract.initial_weights(0)
+    weights["fc.weight"] = weights["fc.weight"].T
+    with pytest.raises(contract.ConfigError, match=r"fc.weight has shape \(512, 10\), expected \(10, 512\)"):
+        contract.check_weights(weights)
+    del weights["bn1.running_var"]
+    with pytest.raises(contract.ConfigError, match="missing \\['bn1.running_var'\\]"):
+        contract.check_weights(weights)
+
+
+def test_schedule_warms_up_then_decays():
+    total = 2340
+    rates = [contract.learning_rate(step, total) for step in range(total)]
+    peak = int(np.argmax(rates))
+    assert peak == 233 and rates[peak] == contract.PEAK_LEARNING_RATE  # 10% warm-up: 234 steps
+    assert rates[0] == pytest.approx(contract.PEAK_LEARNING_RATE / 234) and rates[-1] > 0
+    assert np.all(np.diff(rates[:peak + 1]) > 0) and np.all(np.diff(rates[peak:]) < 0)
+
+
+def test_epoch_order_is_a_seeded_permutation_dropping_the_last_partial_batch():
+    first, again = contract.epoch_batches(0, 0, 1000, 128), contract.epoch_batches(0, 0, 1000, 128)
+    assert first.shape == (7, 128) and np.array_equal(first, again)
+    assert len(np.unique(first)) == 896  # no index twice
+    assert not np.array_equal(first, contract.epoch_batches(0, 1, 1000, 128))
+    assert not np.array_equal(first, contract.epoch_batches(1, 0, 1000, 128))
