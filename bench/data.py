@@ -37,7 +37,7 @@ IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # IDX: 0x08 (unsigned bytes) then the n
 SIDE = 28
 GZIP_MAGIC = b"\x1f\x8b"
 POINT_AT_FOLDER = "point --mnist-dir or MNIST_DIR at a folder that holds the four MNIST files (each .gz or not)"
-REPLACE = "replace it with a faithful copy of MNIST (`python -m bench.data fetch --mnist-dir DIR` downloads one into DIR)"
+REPLACE = "replace it with a faithful copy of MNIST (`python -m bench.data fetch --mnist-dir DIR` downloads one to DIR)"
 
 
 class MNISTError(BenchError):
@@ -56,7 +56,7 @@ def default_cache_dir() -> Path:
 
 
 def mnist_folder(mnist_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
-    """Where MNIST is read from: `mnist_dir`, else $MNIST_DIR, else the user cache; and whether that folder was given."""
+    """Where MNIST is read from (`mnist_dir`, else $MNIST_DIR, else the user cache), and whether that was given."""
     given = mnist_dir if mnist_dir is not None else os.environ.get("MNIST_DIR") or None
     return (Path(given), True) if given is not None else (default_cache_dir(), False)
 
@@ -67,7 +67,7 @@ def find(folder: Path, name: str) -> Path | None:
 
 
 def content(raw: bytes, gzipped: bool, source: str, name: str, verify_digest: bool) -> bytes:
-    """The decompressed bytes of a copy of the MNIST file `name`, checked against its digest; `source` names the copy."""
+    """The decompressed bytes of a copy of MNIST file `name`, checked against its digest; `source` names the copy."""
     if gzipped:
         try:
             raw = gzip.decompress(raw)
@@ -75,7 +75,8 @@ def content(raw: bytes, gzipped: bool, source: str, name: str, verify_digest: bo
             raise MNISTError(f"{source} is a truncated or corrupt gzip file ({e}); {REPLACE}") from None
     if verify_digest and (digest := hashlib.sha256(raw).hexdigest()) != FILES[name]:
         raise MNISTError(f"{source}: the SHA-256 of its decompressed content is {digest}, not MNIST's {FILES[name]}; "
-                         f"{REPLACE}, or for custom data in MNIST format pass verify_digests=False (--no-verify-digests)")
+                         f"{REPLACE}, or for custom data in MNIST format pass verify_digests=False "
+                         f"(--no-verify-digests)")
     return raw
 
 
@@ -84,10 +85,11 @@ def parse_idx(data: bytes, magic: int, source: str) -> np.ndarray:
     kind, ndim = ("images" if magic == IMAGES_MAGIC else "labels"), magic & 0xFF
     header = 4 * (1 + ndim)
     if len(data) < header:
-        raise MNISTError(f"{source} holds {len(data)} bytes, too few for the {header}-byte header of IDX {kind}; {REPLACE}")
+        raise MNISTError(f"{source} holds {len(data)} bytes, too few for the {header}-byte header of IDX {kind}; "
+                         f"{REPLACE}")
     if (found := struct.unpack_from(">I", data)[0]) != magic:
-        raise MNISTError(f"{source}: magic number {found} where IDX {kind} have {magic}, so it is not an MNIST {kind} file; "
-                         f"check the file name, or {REPLACE}")
+        raise MNISTError(f"{source}: magic number {found} where IDX {kind} have {magic}, so it is not an MNIST "
+                         f"{kind} file; check the file name, or {REPLACE}")
     shape = struct.unpack_from(f">{ndim}I", data, 4)
     if shape[1:] not in ((), (SIDE, SIDE)):
         raise MNISTError(f"{source}: images are {shape[1]}x{shape[2]}, MNIST's are {SIDE}x{SIDE}; {REPLACE}")
@@ -147,7 +149,9 @@ def download(name: str, folder: Path, mirrors) -> None:
                 content(raw, gzipped, url, name, verify_digest=True)
                 os.replace(temporary, folder / (f"{name}.gz" if gzipped else name))
                 return
-            except (OSError, MNISTError) as e:  # requests' errors are OSErrors
+            except MNISTError as e:  # its message names the URL
+                failures.append(str(e))
+            except OSError as e:  # requests' errors are OSErrors
                 failures.append(f"{url}: {e}")
     finally:
         Path(temporary).unlink(missing_ok=True)
@@ -174,7 +178,7 @@ def load_mnist(mnist_dir: str | os.PathLike | None = None, *, verify_digests: bo
                mirrors=None) -> MNIST:
     """The four MNIST arrays from `mnist_dir`, else $MNIST_DIR, else the user cache (downloaded there if missing).
 
-    `verify_digests=False` skips only the SHA-256 check, for custom data in MNIST format; the structure is always checked.
+    `verify_digests=False` skips only the SHA-256 check, for custom data in MNIST format; structure is always checked.
     A given folder is never downloaded into: a file missing there is an error.
     """
     folder, given = mnist_folder(mnist_dir)
@@ -186,12 +190,12 @@ def load_mnist(mnist_dir: str | os.PathLike | None = None, *, verify_digests: bo
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.data", description="Download or check the MNIST files.")
     commands = parser.add_subparsers(dest="command", required=True)
-    fetch_command = commands.add_parser("fetch", help="download MNIST into the user cache (or --mnist-dir) and verify it")
+    fetch_command = commands.add_parser("fetch", help="download MNIST into the user cache (or --mnist-dir), verify it")
     fetch_command.add_argument("--mnist-dir", help="download into this folder instead of the user cache")
     verify_command = commands.add_parser("verify", help="check the MNIST files that the benchmarks would load")
     verify_command.add_argument("--mnist-dir", help="the folder to check (default: $MNIST_DIR, else the user cache)")
     verify_command.add_argument("--no-verify-digests", action="store_true",
-                                help="skip the SHA-256 check, for custom data in MNIST format (structure is still checked)")
+                                help="skip the SHA-256 check, for custom data in MNIST format (structure is checked)")
     args = parser.parse_args(argv)
     try:
         if args.command == "fetch":
