@@ -5,6 +5,9 @@ This process never imports a framework: frameworks are parametrized by name and 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from bench.errors import BenchError
@@ -26,8 +29,10 @@ def pytest_addoption(parser):
         group.addoption(flag, **kwargs)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark reads --benchmark-json
 def pytest_configure(config):
     config.stash[RECORDS] = []
+    claim_benchmark_json(config)
     values = {options.dest(flag): config.getoption(options.dest(flag)) for flag, _ in options.RUN_OPTIONS}
     try:
         config.bench_run_config = options.run_config(values)
@@ -38,6 +43,36 @@ def pytest_configure(config):
         config.bench_frameworks = [resolve_framework(name.strip(), config.bench_extra_modules) for name in names]
     except (BenchError, contract.ConfigError) as error:
         raise pytest.UsageError(str(error)) from None
+
+
+def claim_benchmark_json(config) -> None:
+    """Make --benchmark-json atomic and never silently overwriting: pytest-benchmark writes a temporary file beside the
+    target, which is linked into place once complete (os.link fails if the target appeared meanwhile)."""
+    target = config.getoption("benchmark_json", None)
+    if target is None:
+        return
+    target = Path(target)
+    if target.exists():
+        raise pytest.UsageError(f"--benchmark-json {target} exists and would be overwritten: choose a new file name, "
+                                "or keep a numbered history with --benchmark-autosave --benchmark-storage=file://results/history")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    config.option.benchmark_json = target.parent / f".{target.name}.{os.getpid()}.partial"
+    config.bench_json_target = target
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionfinish(session):
+    yield  # pytest-benchmark writes the temporary JSON here
+    config = session.config
+    target = getattr(config, "bench_json_target", None)
+    partial = Path(config.option.benchmark_json) if target else None
+    if partial is not None and partial.exists():
+        try:
+            os.link(partial, target)
+        except FileExistsError:
+            raise pytest.UsageError(f"{target} appeared during the run; the results are kept in {partial}") from None
+        partial.unlink()
+        config.get_terminal_writer().line(f"results written to {target}")
 
 
 def parse_module(text: str) -> tuple[str, str]:

@@ -48,6 +48,7 @@ def bench_session(tmp_path_factory, mnist_dir):
         "--frameworks=raising,selfkill,pytorch", f"--benchmark-json={out}",
         "--framework-module", "raising=faulty_trainers:RaisingTrainer",
         "--framework-module", "selfkill=faulty_trainers:SelfKillingTrainer")
+    assert [p.name for p in out.parent.iterdir()] == ["out.json"], "the temporary JSON was left behind"
     return result, json.loads(out.read_text())
 
 
@@ -55,6 +56,7 @@ def test_failing_frameworks_fail_alone_with_clear_messages(bench_session):
     result, _ = bench_session
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
+    assert "results written to" in output
     assert "2 failed, 1 passed" in output, output
     assert "raising: 'train_epoch' failed in the worker: RuntimeError" in output, output
     assert "selfkill: the worker process" in output and "was killed by SIGKILL" in output, output
@@ -180,3 +182,12 @@ def test_epoch_order_is_a_seeded_permutation_dropping_the_last_partial_batch():
     assert len(np.unique(first)) == 896  # no index twice
     assert not np.array_equal(first, contract.epoch_batches(0, 1, 1000, 128))
     assert not np.array_equal(first, contract.epoch_batches(1, 0, 1000, 128))
+
+
+def test_benchmark_json_is_never_overwritten(tmp_path, mnist_dir):
+    existing = tmp_path / "out.json"
+    existing.write_text("{}")
+    result = run_python("-m", "pytest", "bench", "--frameworks=pytorch", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
+                        f"--benchmark-json={existing}")
+    assert result.returncode == 4 and f"--benchmark-json {existing} exists" in result.stderr, result.stderr
+    assert existing.read_text() == "{}"
