@@ -8,6 +8,7 @@ PYTHON := $(VENV)/bin/python
 # Machines with an NVIDIA driver get the CUDA builds of every framework; others the CPU builds.
 EXTRAS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRAS)
+PIP_INDEX := $(if $(filter gpu,$(EXTRAS)),--extra-index-url https://download.pytorch.org/whl/cu126)
 HISTORY := file://results/history
 ARGS ?=
 
@@ -19,7 +20,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet --editable '.[$(EXTRAS),dev]'
+	$(PYTHON) -m pip install --quiet $(PIP_INDEX) --editable '.[$(EXTRAS),dev]'
 	touch $@
 
 bench: setup

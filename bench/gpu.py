@@ -43,8 +43,9 @@ class GpuMemorySampler:
         while not self._stop.wait(SAMPLE_INTERVAL_S):
             try:
                 used = self.used_bytes()
-            except self._nvml.NVMLError as error:
-                self.note = f"NVML sampling stopped: {error}"
+            except Exception as error:  # a sampler must never take the run down: record why the figure is missing
+                self.note = f"NVML sampling stopped: {type(error).__name__}: {error}"
+                self.peak_bytes = None
                 return
             if used is not None:
                 self.peak_bytes = max(self.peak_bytes or 0, used)
@@ -59,6 +60,8 @@ class GpuMemorySampler:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
-            if self.peak_bytes is None:
-                self.note = (f"NVML never listed the worker (pid {self.pid}) as a GPU process: "
-                             "in a container without --pid=host NVML reports other PIDs")
+            if self.peak_bytes is None and not self.note:
+                self.note = (f"NVML never listed the worker (pid {self.pid}) as a GPU process: it used no GPU, or it runs "
+                             "in a container without --pid=host, where NVML reports host PIDs")
+            self._nvml.nvmlShutdown()
+            self._thread = None
