@@ -30,6 +30,7 @@ def write_json_atomically(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
         json.dump(payload, tmp, indent=2)
+    os.chmod(tmp.name, 0o644)  # NamedTemporaryFile creates it private (0600)
     try:
         os.link(tmp.name, path)  # fails if `path` appeared meanwhile, unlike a rename
     finally:
