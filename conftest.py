@@ -93,7 +93,7 @@ def pytest_generate_tests(metafunc):
             except BenchError as error:
                 marks = pytest.mark.skip(reason=f"not installed: {error}")
             params.append(pytest.param(framework, id=framework.name, marks=marks))
-        metafunc.parametrize("framework", params)
+        metafunc.parametrize("framework", params, scope="module")  # a module's tests grouped by framework
 
 
 @pytest.fixture(scope="session")

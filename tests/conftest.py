@@ -23,7 +23,11 @@ def mnist_dir(pytestconfig) -> str:
 
 
 class WorkerPool:
-    """One built worker per (framework, configuration, replica), started on first use and kept for the session."""
+    """One built worker per (framework, configuration, replica), started on first use.
+
+    Tests are grouped by framework (the parametrization is module-scoped): starting a framework's first worker closes
+    those of the previous one, so only the PyTorch reference and the framework under test hold memory.
+    """
 
     def __init__(self, mnist_dir: str):
         self.mnist_dir, self.workers = mnist_dir, {}
@@ -31,6 +35,7 @@ class WorkerPool:
     def get(self, framework, config: contract.RunConfig, replica: int = 0) -> FrameworkWorker:
         key = (framework.name, config, replica)
         if key not in self.workers:
+            self.close(keep={framework.name, "pytorch"})
             worker = FrameworkWorker(framework.name, framework.module, timeout_s=900)
             try:
                 worker.call("build", config, self.mnist_dir, True, None)
@@ -40,9 +45,9 @@ class WorkerPool:
             self.workers[key] = worker
         return self.workers[key]
 
-    def close(self) -> None:
-        for worker in self.workers.values():
-            worker.close()
+    def close(self, keep=()) -> None:
+        for key in [key for key in self.workers if key[0] not in keep]:
+            self.workers.pop(key).close()
 
 
 @pytest.fixture(scope="session")

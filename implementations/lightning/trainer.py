@@ -1,0 +1,192 @@
+"""ResNet18 on MNIST in PyTorch Lightning: the PyTorch page's model, SGD and weight conversion, trained by `pl.Trainer`.
+
+Lightning owns the loop: a LightningModule holds the training step, the per-step schedule and the test step, and the
+Trainer runs them over DataLoaders of device-resident batches, one `fit` per epoch, and evaluates with `Trainer.test`.
+Sections, in the same order in every framework: model, state, train step, epoch, evaluation, canonical weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from implementations import contract
+from implementations.pytorch.trainer import ResNet18, export_canonical, import_canonical, make_optimizer, select_device
+
+LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed"}  # bf16-mixed: autocast around each step, fp32 weights
+
+# Every import_weights() builds a Trainer: keep Lightning's report of the devices it found, and its advice to add
+# DataLoader workers (they would only copy batches that already sit on the device), out of the worker's output.
+logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LeafSpec.*", FutureWarning)  # torch 2.13 deprecates a class Lightning 2.6 uses
+
+
+# --- Model -----------------------------------------------------------------------------------------------------------
+class ResNet18Module(pl.LightningModule):
+    """The PyTorch page's ResNet18 and SGD, with the shared schedule as a per-step LambdaLR."""
+
+    def __init__(self, schedule: np.ndarray):
+        super().__init__()
+        self.model = ResNet18()
+        self.schedule = schedule
+        self.losses: list[torch.Tensor] = []  # the current epoch's record, on the device: one loss per step
+        self.fed_labels: list[torch.Tensor] = []  # and the labels that training_step received
+
+    def forward(self, images):
+        return self.model(images)
+
+    def reset_optimizer(self) -> None:
+        """Fresh momentum, and the schedule back at step 0."""
+        self.optimizer = make_optimizer(self.model, lr=1.0)
+        # LambdaLR sets the rate to the optimizer's initial 1.0 times the lambda: exactly the table's entry.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.scheduled_rate)
+
+    def scheduled_rate(self, step: int) -> float:
+        # LambdaLR also computes the rate of the step after the run's last one: the triangle has decayed to zero there.
+        return float(self.schedule[step]) if step < len(self.schedule) else 0.0
+
+    def configure_optimizers(self):
+        # Lightning calls this at every fit(), and this page fits once per epoch: it hands over the optimizer and the
+        # scheduler that reset_optimizer() made, so that momentum and the schedule's step carry on from epoch to epoch.
+        return {"optimizer": self.optimizer, "lr_scheduler": {"scheduler": self.scheduler, "interval": "step"}}
+
+    def on_train_epoch_start(self):
+        self.losses, self.fed_labels = [], []
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels)
+        # Not self.log("train_loss", ..., on_epoch=True): it would average on the device too, but costs ~0.25 ms of
+        # Python per call (measured), as much as all the rest of Lightning's loop around a step.
+        self.losses.append(loss.detach())
+        self.fed_labels.append(labels)
+        return loss
+
+    def test_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self(images).float()
+        # Sums over the test set, divided by its size in evaluate() as on the PyTorch page: the count stays exact.
+        # (Lightning's default reduction, the mean of batch means weighted by batch_size, would give the same means.)
+        self.log("test_loss_sum", F.cross_entropy(logits, labels, reduction="sum"), reduce_fx="sum")
+        self.log("test_correct", (logits.argmax(1) == labels).sum().float(), reduce_fx="sum")
+
+
+# --- State -----------------------------------------------------------------------------------------------------------
+def device_batches(images: torch.Tensor, labels: torch.Tensor, batches: torch.Tensor) -> DataLoader:
+    """(images, labels) batches gathered on the device by the rows of `batches`: no host copy, no worker processes."""
+    # batch_size=None: each item of the dataset, a row of indices, already is a batch; collate_fn gathers it.
+    return DataLoader(batches, batch_size=None, collate_fn=lambda indices: (images[indices], labels[indices]))
+
+
+class StayOnDevice(pl.strategies.SingleDeviceStrategy):
+    """Lightning's one-device strategy without its teardown, which after every fit() and test() moves the model and the
+    optimizer state to the CPU and empties CUDA's cache: this page fits once per epoch, and the next fit would move
+    them back, inside the timed epoch."""
+
+    def teardown(self) -> None:
+        pass
+
+
+class LightningTrainer(contract.Trainer):
+    framework = "lightning"
+
+    def build(self, weights):
+        self.device = select_device(self.config.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.config.allow_tf32
+        self.module = ResNet18Module(self.schedule)
+        # Channels-last, as on the PyTorch page; Lightning's own move to the device keeps the layout.
+        self.module.to(self.device, memory_format=torch.channels_last)
+        if self.config.compile:
+            self.module.model.compile()  # in place: the state_dict keeps its canonical names
+        # The whole dataset lives on the device; an epoch only indexes it.
+        to_device = lambda array: torch.from_numpy(array).to(self.device)
+        self.train_images = to_device(self.data.train_images).contiguous(memory_format=torch.channels_last)
+        self.train_labels = to_device(self.data.train_labels).long()
+        self.test_images = to_device(self.data.test_images).contiguous(memory_format=torch.channels_last)
+        self.test_labels = to_device(self.data.test_labels).long()
+        self.import_weights(weights)
+
+    def new_trainer(self) -> pl.Trainer:
+        # Lightning's strategy selects the GPU by its index; torch.device("cuda") stands for the current one.
+        device = torch.device("cuda", torch.cuda.current_device()) if self.device.type == "cuda" else self.device
+        # Nothing but the loop: no checkpoints, logger, progress bar, model summary or sanity validation in the epochs.
+        return pl.Trainer(accelerator=self.device.type, strategy=StayOnDevice(device),
+                          precision=LIGHTNING_PRECISION[self.config.precision], max_epochs=0,
+                          benchmark=self.device.type == "cuda", num_sanity_val_steps=0, enable_checkpointing=False,
+                          logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+    def environment(self):
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
+        return {"framework": self.framework, "framework_version": pl.__version__, "device": name}
+
+    # --- Train step --------------------------------------------------------------------------------------------------
+    def fit_one_epoch(self, loader) -> None:
+        """One more Lightning epoch over `loader`, continuing the run: same optimizer, scheduler and step counters."""
+        # The harness times each epoch apart, evaluating in between, so Lightning cannot be handed the whole run at
+        # once: the page raises max_epochs by one and calls fit() again, and the Trainer resumes where it stopped.
+        self.module.train()  # logits(train=False) may have left eval mode, which Lightning does not undo
+        self.trainer.fit_loop.max_epochs = self.trainer.current_epoch + 1
+        self.trainer.fit(self.module, train_dataloaders=loader)
+
+    def train_step(self, images, labels):
+        # A one-batch fit: the step runs the very path that train_epoch runs (Lightning's optimization loop, precision
+        # plugin and scheduler stepping), so the parity tests check what the benchmark times.
+        images = torch.from_numpy(images).to(self.device).contiguous(memory_format=torch.channels_last)
+        batch = (images, torch.from_numpy(labels).to(self.device).long())
+        self.fit_one_epoch(DataLoader([batch], batch_size=None))
+        return self.module.losses[0].item()
+
+    # --- Epoch -------------------------------------------------------------------------------------------------------
+    def train_epoch(self, epoch):
+        # The harness's epoch picks the batches; Lightning's current_epoch also counts train_step's one-batch fits.
+        start = time.perf_counter()
+        batches = torch.from_numpy(contract.epoch_batches(self.config.seed, epoch, len(self.train_labels),
+                                                          self.config.batch_size)).to(self.device)
+        self.fit_one_epoch(device_batches(self.train_images, self.train_labels, batches))
+        mean_loss = torch.stack(self.module.losses).mean().item()  # .item() waits for the device: the time is real
+        seconds = time.perf_counter() - start
+        digest = contract.label_digest(torch.cat(self.module.fed_labels).cpu().numpy())
+        return contract.EpochResult(mean_loss, batches.numel(), seconds, digest)
+
+    # --- Evaluation --------------------------------------------------------------------------------------------------
+    def evaluate(self):
+        n = len(self.test_labels)
+        batches = torch.arange(n, device=self.device).view(-1, contract.EVAL_BATCH_SIZE)
+        loader = device_batches(self.test_images, self.test_labels, batches)
+        [metrics] = self.trainer.test(self.module, loader, verbose=False)  # eval mode, inference mode, autocast
+        return contract.Evaluation(metrics["test_loss_sum"] / n, metrics["test_correct"] / n, n)
+
+    @torch.no_grad()
+    def logits(self, images, train):
+        self.module.train(train)
+        images = torch.from_numpy(images).to(self.device).contiguous(memory_format=torch.channels_last)
+        with self.trainer.precision_plugin.forward_context():  # the autocast that Lightning wraps around each step
+            return self.module(images).float().cpu().numpy()
+
+    def learning_rates(self, steps):
+        scheduler = self.module.scheduler  # LambdaLR's rule (its get_lr) at each step, read without stepping it
+        rate = lambda step: scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step)
+        return np.array([rate(int(step)) for step in steps], dtype=np.float32)
+
+    def memory_peak_bytes(self):
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
+    # --- Canonical weights -------------------------------------------------------------------------------------------
+    # The PyTorch page's conversion, applied to the same nn.Module inside the LightningModule.
+    def import_weights(self, weights):
+        import_canonical(self.module.model, weights)
+        self.module.reset_optimizer()
+        self.trainer = self.new_trainer()  # a new run: Lightning's epoch and step counters start at 0 too
+
+    def export_weights(self):
+        return export_canonical(self.module.model)

@@ -1,0 +1,301 @@
+"""ResNet18 on MNIST in TensorFlow with Keras 3 layers: a custom tf.function training step over device-resident data.
+
+The PyTorch page's model, written with Keras layers in NHWC (TensorFlow's layout); where a Keras default differs from
+PyTorch's (padding, BatchNorm momentum, epsilon and running variance, SGD's momentum formulation) the page says so.
+Sections, in the same order in every framework: model, state, train step, epoch, evaluation, canonical weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: keeps its C++ notices out of the log
+
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, ops
+
+from implementations import contract
+
+
+# --- Model -----------------------------------------------------------------------------------------------------------
+class Conv2d(layers.Conv2D):
+    """PyTorch's Conv2d(kernel, stride, padding=kernel // 2, bias=False) on NHWC images.
+
+    Keras' "same" pads a stride-2 convolution of an even-sized input on the bottom/right only (28 -> 14 in the stem,
+    4 -> 2 and 2 -> 1 in stages 3 and 4), where PyTorch pads every side alike: those convolutions pad explicitly.
+    At stride 1, and for 1x1 kernels, "same" already is PyTorch's padding.
+    """
+
+    def __init__(self, filters: int, kernel_size: int, strides: int = 1):
+        explicit = strides > 1 and kernel_size > 1
+        super().__init__(filters, kernel_size, strides, padding="valid" if explicit else "same", use_bias=False)
+        self.explicit_padding = kernel_size // 2 if explicit else 0
+
+    def call(self, inputs):
+        p = self.explicit_padding
+        return super().call(ops.pad(inputs, [[0, 0], [p, p], [p, p], [0, 0]]) if p else inputs)
+
+    def compute_output_shape(self, input_shape):  # Keras checks the shape at build time: the padded one
+        batch, height, width, channels = input_shape
+        p = 2 * self.explicit_padding
+        return super().compute_output_shape((batch, height + p, width + p, channels))
+
+
+class BatchNorm2d(layers.BatchNormalization):
+    """PyTorch's BatchNorm2d: Keras' layer in PyTorch's conventions, with PyTorch's running variance.
+
+    Keras' momentum is the decay of the running averages, 1 - PyTorch's momentum, and its epsilon defaults to 1e-3.
+    Keras also averages the biased batch variance (sum / n) into its moving variance, where PyTorch averages the
+    unbiased one (sum / (n - 1)): 128/127 apart in the last stage at batch 128. So training mode runs TensorFlow's
+    fused kernel, whose running variance applies the n / (n - 1) correction as PyTorch does (it is also faster, and
+    on this CPU closer to PyTorch's batch statistics than Keras' unfused moments: 1e-5 against 1e-4 in the logits).
+    """
+
+    def __init__(self):
+        super().__init__(momentum=1 - contract.BN_MOMENTUM, epsilon=contract.BN_EPSILON)
+
+    def call(self, inputs, training=False):
+        if not training:
+            return super().call(inputs, training=False)
+        # Normalizes with the batch's statistics and returns the running averages updated by exponential_avg_factor,
+        # which is PyTorch's momentum. Statistics, scale and offset stay float32 under mixed bf16.
+        outputs, running_mean, running_var = tf.compat.v1.nn.fused_batch_norm(
+            inputs, self.gamma, self.beta, self.moving_mean, self.moving_variance, epsilon=self.epsilon,
+            is_training=True, exponential_avg_factor=contract.BN_MOMENTUM)
+        self.moving_mean.assign(running_mean)
+        self.moving_variance.assign(running_var)
+        return outputs
+
+
+class BasicBlock(keras.layers.Layer):
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = Conv2d(out_channels, 3, stride)
+        self.bn1 = BatchNorm2d()
+        self.conv2 = Conv2d(out_channels, 3)
+        self.bn2 = BatchNorm2d()
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = [Conv2d(out_channels, 1, stride), BatchNorm2d()]  # indexed as PyTorch's Sequential
+
+    def call(self, x, training=False):
+        shortcut = x
+        if self.downsample is not None:
+            conv, bn = self.downsample
+            shortcut = bn(conv(x), training=training)
+        out = ops.relu(self.bn1(self.conv1(x), training=training))
+        out = self.bn2(self.conv2(out), training=training)
+        return ops.relu(out + shortcut)
+
+
+class ResNet18(keras.Model):
+    def __init__(self):
+        super().__init__()
+        widths = contract.STAGE_WIDTHS
+        self.conv1 = Conv2d(widths[0], 7, 2)
+        self.bn1 = BatchNorm2d()
+        # PyTorch's MaxPool2d(3, 2, padding=1) pads with -inf; zeros are equivalent here, after a ReLU: every window
+        # holds a value >= 0, and a pad can only tie with a zero, whose ReLU passes no gradient either way.
+        # ("same" would pad bottom/right only, as for the convolutions.)
+        self.maxpool = keras.Sequential([layers.ZeroPadding2D(1), layers.MaxPool2D(3, 2)])
+        in_channels = widths[0]
+        for stage, (width, blocks) in enumerate(zip(widths, contract.BLOCKS_PER_STAGE), start=1):
+            stride = 1 if stage == 1 else 2
+            layer = [BasicBlock(in_channels if b == 0 else width, width, stride if b == 0 else 1)
+                     for b in range(blocks)]
+            setattr(self, f"layer{stage}", layer)
+            in_channels = width
+        self.fc = layers.Dense(contract.NUM_CLASSES)
+
+    def call(self, x, training=False):  # [B, 28, 28, 1] -> [B, 10]
+        x = self.maxpool(ops.relu(self.bn1(self.conv1(x), training=training)))
+        for block in self.layer1 + self.layer2 + self.layer3 + self.layer4:
+            x = block(x, training=training)
+        return ops.cast(self.fc(ops.mean(x, axis=(1, 2))), "float32")  # float32 logits under mixed bf16 too
+
+
+def select_device(requested: str) -> str:
+    """Configure TensorFlow's devices (before its first op, which fixes them) and name the one to use."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if requested == "cuda" and not gpus:
+        raise contract.ConfigError("--device cuda: TensorFlow sees no GPU (tensorflow-cpu, or CUDA libraries missing: "
+                                   "pip install 'tensorflow[and-cuda]'); use --device cpu")
+    if requested == "cpu" or not gpus:
+        tf.config.set_visible_devices([], "GPU")
+        return "/CPU:0"
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)  # allocate as needed, not the whole card up front
+    return "/GPU:0"
+
+
+def nhwc(images: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(images.transpose(0, 2, 3, 1))  # the contract's NCHW -> TensorFlow's NHWC
+
+
+# --- State -----------------------------------------------------------------------------------------------------------
+class TableSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """The contract's learning-rate table, looked up at the optimizer's step counter."""
+
+    def __init__(self, table: np.ndarray):
+        self.table = tf.constant(table)
+
+    def __call__(self, step):
+        return tf.gather(self.table, step)
+
+
+class SGD(keras.optimizers.Optimizer):
+    """PyTorch's SGD with momentum: buffer = momentum * buffer + grad; param -= lr * buffer.
+
+    Keras' own SGD keeps velocity = momentum * velocity - lr * grad; param += velocity, which folds each step's rate
+    into the velocity: the same updates at a constant rate, other ones when the schedule changes it every step.
+    """
+
+    def __init__(self, schedule: TableSchedule):
+        super().__init__(learning_rate=schedule, name="sgd")
+
+    def build(self, variables):
+        super().build(variables)
+        self.momentum_buffers = self.add_optimizer_variables(variables, "momentum")
+
+    def update_step(self, gradient, variable, learning_rate):
+        buffer = self.momentum_buffers[self._get_variable_index(variable)]
+        self.assign(buffer, contract.SGD_MOMENTUM * buffer + gradient)
+        self.assign_sub(variable, learning_rate * buffer)
+
+
+class KerasTrainer(contract.Trainer):
+    framework = "tensorflow"
+
+    def build(self, weights):
+        self.device = select_device(self.config.device)
+        tf.config.experimental.enable_tensor_float_32_execution(self.config.allow_tf32)  # GPUs only; TF's default: on
+        # bf16: Keras' mixed precision, bf16 compute with float32 variables, as torch.autocast does.
+        keras.mixed_precision.set_global_policy("mixed_bfloat16" if self.config.precision == "bf16" else "float32")
+        with tf.device(self.device):
+            self.model = ResNet18()
+            self.model(tf.zeros([1, 28, 28, 1]))  # creates the variables; import_weights() sets them
+            self.schedule_fn = TableSchedule(self.schedule)
+            self.optimizer = SGD(self.schedule_fn)
+            self.optimizer.build(self.model.trainable_variables)
+            # The whole dataset lives on the device, NHWC; an epoch only gathers from it.
+            self.train_images = tf.constant(nhwc(self.data.train_images))
+            self.train_labels = tf.constant(self.data.train_labels)
+            self.test_images = tf.constant(nhwc(self.data.test_images))
+            self.test_labels = tf.constant(self.data.test_labels)
+        # XLA when asked: much slower on this CPU (40-120 against ~700 images/s), often the faster one on GPUs.
+        self.compiled_step = tf.function(self.step_on, jit_compile=self.config.compile)
+        self.compiled_eval = tf.function(self.eval_on, jit_compile=self.config.compile)
+        self.import_weights(weights)
+
+    def environment(self):
+        name = "CPU"
+        if self.device != "/CPU:0":
+            name = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])["device_name"]
+        return {"framework": self.framework, "framework_version": tf.__version__, "device": name}
+
+    # --- Train step --------------------------------------------------------------------------------------------------
+    def step_on(self, images, labels):  # traced once by tf.function: one graph per step, no Python inside
+        with tf.GradientTape() as tape:
+            logits = self.model(images, training=True)
+            loss = ops.mean(ops.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+        gradients = tape.gradient(loss, self.model.trainable_variables)
+        self.optimizer.apply(gradients, self.model.trainable_variables)  # at schedule[step], then step += 1
+        return loss  # stays on the device: no sync per step
+
+    def train_step(self, images, labels):
+        with tf.device(self.device):
+            return float(self.compiled_step(tf.constant(nhwc(images)), tf.constant(labels)))
+
+    # --- Epoch -------------------------------------------------------------------------------------------------------
+    # A Python loop over the compiled step, as on the PyTorch page: the step is the one train_step runs, and one
+    # tf.function holding the whole epoch in a while loop measured slower on this CPU (~335 against 500-670 images/s).
+    def train_epoch(self, epoch):
+        start = time.perf_counter()
+        batches = contract.epoch_batches(self.config.seed, epoch, len(self.data.train_labels), self.config.batch_size)
+        losses, consumed = [], []
+        with tf.device(self.device):
+            for indices in tf.constant(batches):
+                labels = tf.gather(self.train_labels, indices)
+                losses.append(self.compiled_step(tf.gather(self.train_images, indices), labels))
+                consumed.append(labels)
+            mean_loss = float(tf.reduce_mean(tf.stack(losses)))  # float() waits for the device: the time is real
+        seconds = time.perf_counter() - start
+        digest = contract.label_digest(tf.concat(consumed, 0).numpy())
+        return contract.EpochResult(mean_loss, batches.size, seconds, digest)
+
+    # --- Evaluation --------------------------------------------------------------------------------------------------
+    def eval_on(self, images, labels):
+        logits = self.model(images, training=False)
+        loss_sum = ops.sum(ops.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+        return loss_sum, ops.sum(ops.cast(ops.argmax(logits, axis=1) == labels, "int32"))
+
+    def evaluate(self):
+        loss_sum = correct = 0
+        with tf.device(self.device):
+            for start in range(0, len(self.data.test_labels), contract.EVAL_BATCH_SIZE):
+                batch = slice(start, start + contract.EVAL_BATCH_SIZE)
+                batch_loss, batch_correct = self.compiled_eval(self.test_images[batch], self.test_labels[batch])
+                loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
+        n = len(self.data.test_labels)
+        return contract.Evaluation(float(loss_sum) / n, int(correct) / n, n)  # the one host read
+
+    def logits(self, images, train):
+        with tf.device(self.device):
+            return self.model(tf.constant(nhwc(images)), training=train).numpy()
+
+    def learning_rates(self, steps):
+        with tf.device(self.device):
+            return self.schedule_fn(tf.constant(steps)).numpy()
+
+    def memory_peak_bytes(self):
+        return None if self.device == "/CPU:0" else tf.config.experimental.get_memory_info("GPU:0")["peak"]
+
+    # --- Canonical weights -------------------------------------------------------------------------------------------
+    # Canonical names are PyTorch module paths, which the Keras model's attributes follow ("layer2.0.downsample.1").
+    def import_weights(self, weights):
+        import_canonical(self.model, weights)
+        for buffer in self.optimizer.momentum_buffers:  # zeroed in place: the traced step holds these variables
+            buffer.assign(tf.zeros_like(buffer))
+        self.optimizer.iterations.assign(0)
+
+    def export_weights(self):
+        return export_canonical(self.model)
+
+
+def import_canonical(model: ResNet18, weights: contract.Weights) -> None:
+    for name, array in contract.check_weights(weights).items():
+        if array.ndim == 4:
+            array = array.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        elif array.ndim == 2:
+            array = array.T  # linear [out, in] -> [in, out]
+        keras_variable(model, name).assign(array)
+
+
+def export_canonical(model: ResNet18) -> contract.Weights:
+    weights = {}
+    for name in contract.canonical_shapes():
+        array = keras_variable(model, name).numpy()
+        if array.ndim == 4:
+            array = array.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        elif array.ndim == 2:
+            array = array.T
+        weights[name] = np.ascontiguousarray(array, dtype=np.float32)
+    return weights
+
+
+KERAS_BATCHNORM = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+
+
+def keras_variable(model: ResNet18, name: str):
+    """The Keras variable behind a canonical name, e.g. "layer2.0.downsample.1.running_var"."""
+    path, _, field = name.rpartition(".")
+    layer = model
+    for part in path.split("."):
+        layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
+    if isinstance(layer, BatchNorm2d):
+        return getattr(layer, KERAS_BATCHNORM[field])
+    return layer.kernel if field == "weight" else layer.bias
