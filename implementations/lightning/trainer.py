@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from implementations import contract
-from implementations.pytorch.trainer import ResNet18, export_canonical, import_canonical, make_optimizer, select_device
+from implementations.pytorch.trainer import (ResNet18, device_data, export_canonical, import_canonical, make_optimizer,
+                                              select_device)
 
 LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed"}  # bf16-mixed: autocast around each step, fp32 weights
 
@@ -100,20 +101,13 @@ class LightningTrainer(contract.Trainer):
     framework = "lightning"
 
     def build(self, weights):
-        self.device = select_device(self.config.device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.config.allow_tf32
+        self.device = select_device(self.config)
         self.module = ResNet18Module(self.schedule)
         # Channels-last, as on the PyTorch page; Lightning's own move to the device keeps the layout.
         self.module.to(self.device, memory_format=torch.channels_last)
         if self.config.compile:
             self.module.model.compile()  # in place: the state_dict keeps its canonical names
-        # The whole dataset lives on the device; an epoch only indexes it.
-        to_device = lambda array: torch.from_numpy(array).to(self.device)
-        self.train_images = to_device(self.data.train_images).contiguous(memory_format=torch.channels_last)
-        self.train_labels = to_device(self.data.train_labels).long()
-        self.test_images = to_device(self.data.test_images).contiguous(memory_format=torch.channels_last)
-        self.test_labels = to_device(self.data.test_labels).long()
+        self.train_images, self.train_labels, self.test_images, self.test_labels = device_data(self.data, self.device)
         self.import_weights(weights)
 
     def new_trainer(self) -> pl.Trainer:
