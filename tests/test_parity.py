@@ -100,11 +100,15 @@ def test_forward(framework, pair, data, train):
                                 f"PyTorch by up to {gap.max():.3g} (bound {bound}) at image {gap.max(1).argmax()}")
 
 
-def describe_first_divergence(framework, before, expected, actual) -> list[str]:
-    """Messages for each tensor, in the model's order, whose change since `before` differs from the reference's."""
+def describe_first_divergence(framework, before, expected, actual, steps: int) -> list[str]:
+    """Messages for each tensor, in the model's order, whose change since `before` differs from the reference's.
+
+    After one step the running statistics come from identical weights and are held tight: that is where BatchNorm
+    conventions show. Later ones see the first update's rounding through the batch statistics: checked as updates.
+    """
     problems = []
     for name in contract.canonical_shapes():
-        if name.endswith(("running_mean", "running_var")):
+        if name.endswith(("running_mean", "running_var")) and steps == 1:
             scale = np.abs(expected[name]).max()
             gap = np.abs(actual[name] - expected[name]).max() / scale
             bound, what = RUNNING_STATS_RTOL, "running statistic"
@@ -129,7 +133,8 @@ def test_first_steps(framework, pair, data, initial, steps):
     expected_loss, loss = losses[0]  # later losses already depend on the first step's rounding
     assert abs(loss - expected_loss) <= LOSS_RTOL * abs(expected_loss), (
         f"{framework.name}: first-step loss {loss:.8f} vs PyTorch {expected_loss:.8f}")
-    problems = describe_first_divergence(framework, initial, reference.call("export_weights"), other.call("export_weights"))
+    problems = describe_first_divergence(framework, initial, reference.call("export_weights"), other.call("export_weights"),
+                                         steps)
     assert not problems, (f"{len(problems)} tensor(s) diverged after {steps} step(s), first in model order:\n"
                           + "\n".join(problems[:8]))
 
