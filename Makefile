@@ -35,5 +35,5 @@ test: setup
 	$(PYTHON) -m pytest tests
 	$(PYTHON) -m pytest bench --preset smoke --benchmark-json=$(SMOKE_JSON) $(ARGS)
 	# Epoch times on shared 2-core CI machines swing by ~60% with load: the gate allows +100% there; on another device
-	# (a GPU box, another CPU model) it checks accuracy only.
-	$(PYTHON) -m bench.report gate --baseline $(BASELINE) $(SMOKE_JSON) --max-time-increase 1.0 --allow-device-change
+	# (a GPU box, another CPU model) it checks accuracy only. Peak RSS moved by 13% between identical CPU runs: +50%.
+	$(PYTHON) -m bench.report gate --baseline $(BASELINE) $(SMOKE_JSON) --max-time-increase 1.0 --max-memory-increase 0.5 --allow-device-change
