@@ -17,7 +17,7 @@ import pytest
 from bench.data import load_mnist
 from bench.run import FrameworkRun
 from bench.worker import FrameworkWorker, WorkerError
-from implementations import FRAMEWORKS, Framework, contract
+from implementations import FRAMEWORKS, contract
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -27,10 +27,6 @@ EXTRA_INFO_FIELDS = {
     "test_accuracy", "test_loss", "epoch_test_accuracy", "time_to_target_s", "warmup_s", "trainable_parameters",
     "gpu_memory_peak_bytes", "allocator_peak_bytes", "peak_rss_bytes", "epoch_seconds", "epoch_label_digests",
 }
-
-
-def faulty(name: str) -> Framework:
-    return Framework(name, f"faulty_trainers:{name}", (), "")
 
 
 def run_python(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
@@ -92,7 +88,7 @@ def test_worker_killed_mid_epoch_reports_the_signal(mnist_dir):
 
 
 def test_worker_past_its_time_limit_is_stopped(mnist_dir):
-    with FrameworkWorker("hanging", faulty("HangingTrainer").module, timeout_s=300) as worker:
+    with FrameworkWorker("hanging", "faulty_trainers:HangingTrainer", timeout_s=300) as worker:
         worker.call("build", SMOKE, mnist_dir, True, None)
         start = time.monotonic()
         with pytest.raises(WorkerError, match=r"hanging: 'train_epoch' ran past its 3 s limit; the worker was stopped"):
