@@ -13,7 +13,7 @@ import pytest
 from bench.errors import BenchError
 from bench import options
 from bench.run import require_installed, resolve_framework
-from bench.summary import summary_table
+from bench.summary import SELECTED_FRAMEWORKS, summary_table
 from implementations import FRAMEWORKS, contract
 
 RECORDS = pytest.StashKey[list]()
@@ -104,6 +104,11 @@ def run_config(pytestconfig) -> contract.RunConfig:
 @pytest.fixture(scope="session")
 def run_records(pytestconfig) -> list:
     return pytestconfig.stash[RECORDS]
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Which frameworks this session set out to run: the gate tells a framework that failed from one not selected."""
+    output_json[SELECTED_FRAMEWORKS] = [framework.name for framework in config.bench_frameworks]
 
 
 def pytest_terminal_summary(terminalreporter, config):

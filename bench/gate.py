@@ -2,8 +2,9 @@
 
 A framework of the baseline fails the gate when its test accuracy dropped by more than `accuracy_drop` (absolute),
 its median epoch time grew by more than `time_increase` or its peak memory by more than `memory_increase` (relative),
-or when it is missing from the new run. Entries are matched by framework name, not by test name. A framework new in
-the run is only noted. Times and memory are compared on the same device only: another device is a BenchError unless
+or when it is missing from a new run that selected it (a crash, a failure in its timed epochs, not installed); one
+left out by `--frameworks` is only noted, as is a framework new in the run. Entries are matched by framework name, not
+by test name. Times and memory are compared on the same device only: another device is a BenchError unless
 `allow_device_change`, which checks accuracy alone.
 """
 
@@ -48,9 +49,13 @@ def check(baseline: Run, new: Run, tolerances: Tolerances, allow_device_change: 
     lines = []
     for framework, before in before_records.items():
         after = after_records.get(framework)
+        if after is None and new.selected is not None and framework not in new.selected:
+            lines.append(Line(NOTE, f"{framework}: in the baseline, not selected in the new run (--frameworks), "
+                                    "not checked"))
+            continue
         if after is None:
-            lines.append(Line(REGRESSION, f"{framework}: in the baseline, missing from the new run (it crashed, was "
-                                          "skipped as not installed, or was not selected)"))
+            lines.append(Line(REGRESSION, f"{framework}: in the baseline, missing from the new run (it crashed, "
+                                          "failed in its timed epochs, or was skipped as not installed)"))
             continue
         before_device, after_device = baseline.device(before), new.device(after)
         same_device = same_machine_and_device(baseline, before, new, after)

@@ -22,7 +22,8 @@ RUN_OPTIONS = [
                       help="starting configuration: full (5 epochs, all images) or smoke (a short CPU run); "
                            "the options below override it")),
     ("--epochs", dict(type=int, default=None, help="training epochs (full: 5)")),
-    ("--batch-size", dict(type=int, default=None, help="training batch size (full: 128)")),
+    ("--batch-size", dict(type=int, default=None,
+                          help="training batch size (full: 128); the peak learning rate scales with it, 0.1 per 256")),
     ("--train-subset", dict(type=int, default=None, help="train on the first N images only (full: all 60,000)")),
     ("--device", dict(default=None, choices=contract.DEVICES, help="auto: CUDA when present, else CPU")),
     ("--seed", dict(type=int, default=None, help="seed of the initial weights and the data order (default 0)")),

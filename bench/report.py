@@ -31,8 +31,8 @@ from PIL import Image
 
 from bench import gate
 from bench.errors import BenchError
-from bench.summary import (NONE, images_per_second, markdown_table, median_epoch_seconds, peak_memory,
-                           peak_memory_bytes, percent, seconds, summary_table)
+from bench.summary import (NONE, SELECTED_FRAMEWORKS, images_per_second, markdown_table, median_epoch_seconds,
+                           peak_memory, peak_memory_bytes, percent, seconds, summary_table)
 
 NUMBER_FIELDS = ("epochs", "batch_size", "train_images", "images_per_second", "test_accuracy", "test_loss",
                  "target_accuracy", "time_to_target_s", "warmup_s", "gpu_memory_peak_bytes", "allocator_peak_bytes",
@@ -53,6 +53,7 @@ class Run:
     machine: str
     digest: str  # of the file's bytes: identifies the run in the plots drawn from it
     records: list[dict] = field(default_factory=list)
+    selected: list[str] | None = None  # the frameworks the session set out to run; None: unknown (every one)
     notes: list[str] = field(default_factory=list)
 
     def device(self, record: dict) -> str:
@@ -124,12 +125,19 @@ def load_run(path: Path) -> Run:
     run = Run(path=path, label=f"{number.group(1)}_{short_commit}" if number else path.stem,
               date=str(data.get("datetime") or "")[:16].replace("T", " "),
               commit=short_commit + (" (dirty)" if commit.get("dirty") else ""),
-              machine=machine_name(data.get("machine_info")), digest=hashlib.sha256(content).hexdigest())
+              machine=machine_name(data.get("machine_info")), digest=hashlib.sha256(content).hexdigest(),
+              selected=selected_frameworks(data.get(SELECTED_FRAMEWORKS)))
     for index, entry in enumerate(data["benchmarks"], start=1):
         run.records.append(entry_record(entry, f"{path}: benchmark {index}", run.notes))
     if not run.records:
         run.notes.append("no benchmark entries: every framework failed before or during its timed epochs")
     return run
+
+
+def selected_frameworks(value) -> list[str] | None:
+    if isinstance(value, list) and all(isinstance(name, str) for name in value):
+        return value
+    return None
 
 
 def machine_name(machine_info) -> str:

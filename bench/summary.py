@@ -11,6 +11,8 @@ import statistics
 COLUMNS = ("framework", "version", "device", "epochs", "median epoch s", "images/s", "test accuracy",
            "time to target s", "peak memory", "vs fastest")
 NONE = "–"
+# A top-level key of `pytest bench`'s JSON: the frameworks the session set out to run (`--frameworks`, else every one).
+SELECTED_FRAMEWORKS = "mnist_bench_selected_frameworks"
 
 
 def median_epoch_seconds(record: dict) -> float | None:

@@ -165,11 +165,19 @@ def test_check_weights_names_the_problem():
 
 def test_schedule_warms_up_then_decays():
     total = 2340
-    rates = [contract.learning_rate(step, total) for step in range(total)]
+    rates = [contract.learning_rate(step, total, 0.05) for step in range(total)]
     peak = int(np.argmax(rates))
-    assert peak == 233 and rates[peak] == contract.PEAK_LEARNING_RATE  # 10% warm-up: 234 steps
-    assert rates[0] == pytest.approx(contract.PEAK_LEARNING_RATE / 234) and rates[-1] > 0
+    assert peak == 233 and rates[peak] == 0.05  # 10% warm-up: 234 steps
+    assert rates[0] == pytest.approx(0.05 / 234) and rates[-1] > 0
     assert np.all(np.diff(rates[:peak + 1]) > 0) and np.all(np.diff(rates[peak:]) < 0)
+
+
+def test_peak_rate_scales_linearly_with_the_batch():
+    assert contract.peak_learning_rate(256) == 0.1 and contract.peak_learning_rate(128) == 0.05
+    for batch_size in (128, 512):
+        table = contract.learning_rate_table(contract.RunConfig(batch_size=batch_size), 60_000)
+        assert len(table) == 5 * (60_000 // batch_size)
+        assert table.max() == np.float32(contract.peak_learning_rate(batch_size))
 
 
 def test_epoch_order_is_a_seeded_permutation_dropping_the_last_partial_batch():

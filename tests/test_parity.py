@@ -145,7 +145,8 @@ def test_schedule(framework, workers):
     total = CONFIG.epochs * contract.steps_per_epoch(60_000, CONFIG.batch_size)
     steps = np.arange(total)
     rates = worker.call("learning_rates", steps)
-    expected = np.array([contract.learning_rate(int(s), total) for s in steps], dtype=np.float32)
+    peak = contract.peak_learning_rate(CONFIG.batch_size)
+    expected = np.array([contract.learning_rate(int(s), total, peak) for s in steps], dtype=np.float32)
     wrong = np.flatnonzero(~np.isclose(rates, expected, rtol=1e-7, atol=0))  # float32 table entries: exact
     assert wrong.size == 0, (f"{framework.name}: learning rate differs at {wrong.size} of {total} steps, first at step "
                              f"{wrong[0]}: {rates[wrong[0]]!r} vs the shared schedule's {expected[wrong[0]]!r}")

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from bench import report
-from bench.summary import mebibytes
+from bench.summary import SELECTED_FRAMEWORKS, mebibytes
 from implementations import FRAMEWORKS, missing_packages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -279,9 +279,21 @@ def test_gate_fails_a_framework_missing_from_the_new_run_and_notes_a_new_one(cap
     swapped = variant(data, framework="jax")
     code, out, _ = gate(capsys, real_run, write(tmp_path / "jax-only.json", swapped))
     assert code == 1
-    assert ("REGRESSION pytorch: in the baseline, missing from the new run (it crashed, was skipped as not installed, "
-            "or was not selected)") in out
+    assert ("REGRESSION pytorch: in the baseline, missing from the new run (it crashed, failed in its timed epochs, "
+            "or was skipped as not installed)") in out
     assert "note: jax: new, not in the baseline (record a new baseline to gate it)" in out
+
+
+def test_gate_notes_a_baseline_framework_the_new_run_did_not_select(capsys, real_run, data, tmp_path):
+    assert data[SELECTED_FRAMEWORKS] == ["pytorch", "raising"]  # recorded by the real session
+    baseline = copy.deepcopy(data)
+    baseline["benchmarks"].append(entry(variant(data, framework="jax")))
+    baseline = write(tmp_path / "baseline.json", baseline)
+    code, out, _ = gate(capsys, baseline, real_run)
+    assert code == 0 and "note: jax: in the baseline, not selected in the new run (--frameworks), not checked" in out
+    unrecorded = {key: value for key, value in data.items() if key != SELECTED_FRAMEWORKS}  # an older harness's file
+    code, out, _ = gate(capsys, baseline, write(tmp_path / "old.json", unrecorded))
+    assert code == 1 and "REGRESSION jax: in the baseline, missing from the new run" in out
 
 
 def test_a_framework_that_failed_in_its_timed_epochs_is_left_out_and_fails_the_gate(capsys, data, real_run, tmp_path):

@@ -167,7 +167,7 @@ class TorchTrainer(contract.Trainer):
     # The canonical format is PyTorch's own state_dict, less BatchNorm's num_batches_tracked (unused with a momentum).
     def import_weights(self, weights):
         import_canonical(self.model, weights)
-        self.optimizer = make_optimizer(self.model)
+        self.optimizer = make_optimizer(self.model, lr=float(self.schedule[0]))
         self.step = 0
 
     def export_weights(self):
@@ -186,6 +186,6 @@ def export_canonical(model: nn.Module) -> contract.Weights:
     return {name: state[name].detach().float().cpu().contiguous().numpy().copy() for name in contract.canonical_shapes()}
 
 
-def make_optimizer(model: nn.Module, lr: float = contract.PEAK_LEARNING_RATE) -> torch.optim.SGD:
-    # lr is set by the schedule before each step; PyTorch's momentum formulation is the contract's.
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.SGD:
+    # PyTorch's momentum formulation is the contract's; the schedule sets the rate (before each step, or via LambdaLR).
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=contract.SGD_MOMENTUM)
