@@ -125,6 +125,11 @@ def prepare_data(train_images, train_labels, test_images, test_labels, config: R
                 normalize(test_images), test_labels.astype(np.int32))
 
 
+def nhwc(images: np.ndarray) -> np.ndarray:
+    """The contract's NCHW images in the channels-last layout of TensorFlow and Haiku."""
+    return np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+
+
 def steps_per_epoch(num_train: int, batch_size: int) -> int:
     return num_train // batch_size  # the last partial batch is dropped: shapes stay static
 
@@ -247,6 +252,24 @@ def check_weights(weights: Weights, source: str = "weights") -> Weights:
             raise ConfigError(f"{source}: {name} holds NaN or infinite values")
         checked[name] = array.astype(np.float32)
     return checked
+
+
+def to_channels_last(array: np.ndarray) -> np.ndarray:
+    """A canonical tensor in TensorFlow's and Haiku's layouts: convolution OIHW -> HWIO, linear [out, in] -> [in, out]."""
+    if array.ndim == 4:
+        array = array.transpose(2, 3, 1, 0)
+    elif array.ndim == 2:
+        array = array.T
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def from_channels_last(array: np.ndarray) -> np.ndarray:
+    """to_channels_last's inverse: HWIO -> OIHW, [in, out] -> [out, in]."""
+    if array.ndim == 4:
+        array = array.transpose(3, 2, 0, 1)
+    elif array.ndim == 2:
+        array = array.T
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 # --- The trainer every framework implements --------------------------------------------------------------------------

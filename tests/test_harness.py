@@ -153,6 +153,16 @@ def test_canonical_weights_are_resnet18_with_torchvision_init():
     assert not np.array_equal(weights["conv1.weight"], contract.initial_weights(1)["conv1.weight"])
 
 
+def test_channels_last_layouts_round_trip():
+    weights = contract.initial_weights(0)
+    converted = {name: contract.to_channels_last(array) for name, array in weights.items()}
+    assert converted["conv1.weight"].shape == (7, 7, 1, 64) and converted["fc.weight"].shape == (512, 10)
+    assert converted["conv1.weight"][2, 3, 0, 5] == weights["conv1.weight"][5, 0, 2, 3]
+    assert all(np.array_equal(contract.from_channels_last(converted[name]), array) for name, array in weights.items())
+    images = np.arange(2 * 28 * 28, dtype=np.float32).reshape(2, 1, 28, 28)
+    assert contract.nhwc(images).shape == (2, 28, 28, 1) and contract.nhwc(images)[1, 4, 7, 0] == images[1, 0, 4, 7]
+
+
 def test_check_weights_names_the_problem():
     weights = contract.initial_weights(0)
     weights["fc.weight"] = weights["fc.weight"].T

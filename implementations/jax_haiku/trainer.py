@@ -161,9 +161,9 @@ class HaikuTrainer(contract.Trainer):
         self.forward_fn = jit(partial(forward, dtype=dtype), static_argnums=3)
         # The whole dataset lives on the device, NHWC (transposed once here); an epoch only indexes it.
         to_device = lambda array: jax.device_put(array, self.device)
-        self.train_images = to_device(nhwc(self.data.train_images))
+        self.train_images = to_device(contract.nhwc(self.data.train_images))
         self.train_labels = to_device(self.data.train_labels)
-        self.test_images = to_device(nhwc(self.data.test_images))
+        self.test_images = to_device(contract.nhwc(self.data.test_images))
         self.test_labels = to_device(self.data.test_labels)
         self.import_weights(weights)
 
@@ -182,7 +182,7 @@ class HaikuTrainer(contract.Trainer):
     # --- Train step --------------------------------------------------------------------------------------------------
     def train_step(self, images, labels):
         # On the device first: the very program (and argument placement) that the epoch's steps run.
-        images, labels = jax.device_put((nhwc(images), labels), self.device)
+        images, labels = jax.device_put((contract.nhwc(images), labels), self.device)
         self.train_state, loss = self.train_step_fn(self.train_state, images, labels)
         return float(loss)
 
@@ -218,7 +218,7 @@ class HaikuTrainer(contract.Trainer):
 
     def logits(self, images, train):
         # train=True: batch statistics; the updated running statistics are dropped, the state stays as it was.
-        logits, _ = self.forward_fn(self.train_state.params, self.train_state.state, nhwc(images), train)
+        logits, _ = self.forward_fn(self.train_state.params, self.train_state.state, contract.nhwc(images), train)
         return np.asarray(logits)
 
     def learning_rates(self, steps):
@@ -237,10 +237,6 @@ class HaikuTrainer(contract.Trainer):
         return export_canonical(*jax.device_get((self.train_state.params, self.train_state.state)))
 
 
-def nhwc(images: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(images.transpose(0, 2, 3, 1))
-
-
 # Canonical (PyTorch) name -> Haiku (collection, module, entry). PyTorch's numbered children become Haiku names with the
 # number appended (layer2.0 -> layer2_0, downsample.1 -> downsample_1); nesting is "/".
 LAYER_ENTRIES = {"weight": ("params", "w"), "bias": ("params", "b")}
@@ -255,23 +251,11 @@ def haiku_location(name: str) -> tuple[str, str, str]:
     return collection, re.sub(r"\.(\d)", r"_\1", module).replace(".", "/"), entry
 
 
-def to_haiku_layout(array: np.ndarray) -> np.ndarray:
-    if array.ndim == 4:  # convolution: OIHW -> HWIO
-        return array.transpose(2, 3, 1, 0)
-    return array.T if array.ndim == 2 else array  # linear: [out, in] -> [in, out]
-
-
-def to_canonical_layout(array: np.ndarray) -> np.ndarray:
-    if array.ndim == 4:  # HWIO -> OIHW
-        return array.transpose(3, 2, 0, 1)
-    return array.T if array.ndim == 2 else array
-
-
 def import_canonical(weights: contract.Weights) -> tuple[hk.Params, hk.State]:
     trees = {"params": {}, "state": {}}
     for name, array in contract.check_weights(weights).items():
         collection, module, entry = haiku_location(name)
-        trees[collection].setdefault(module, {})[entry] = np.ascontiguousarray(to_haiku_layout(array))
+        trees[collection].setdefault(module, {})[entry] = contract.to_channels_last(array)
     return trees["params"], trees["state"]
 
 
@@ -280,6 +264,5 @@ def export_canonical(params: hk.Params, state: hk.State) -> contract.Weights:
     weights = {}
     for name in contract.canonical_shapes():
         collection, module, entry = haiku_location(name)
-        array = np.asarray(trees[collection][module][entry], np.float32)
-        weights[name] = np.ascontiguousarray(to_canonical_layout(array))
+        weights[name] = contract.from_channels_last(np.asarray(trees[collection][module][entry]))
     return weights

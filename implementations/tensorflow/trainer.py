@@ -132,10 +132,6 @@ def select_device(requested: str) -> str:
     return "/GPU:0"
 
 
-def nhwc(images: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(images.transpose(0, 2, 3, 1))  # the contract's NCHW -> TensorFlow's NHWC
-
-
 # --- State -----------------------------------------------------------------------------------------------------------
 class TableSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """The contract's learning-rate table, looked up at the optimizer's step counter."""
@@ -182,9 +178,9 @@ class KerasTrainer(contract.Trainer):
             self.optimizer = SGD(self.schedule_fn)
             self.optimizer.build(self.model.trainable_variables)
             # The whole dataset lives on the device, NHWC; an epoch only gathers from it.
-            self.train_images = tf.constant(nhwc(self.data.train_images))
+            self.train_images = tf.constant(contract.nhwc(self.data.train_images))
             self.train_labels = tf.constant(self.data.train_labels)
-            self.test_images = tf.constant(nhwc(self.data.test_images))
+            self.test_images = tf.constant(contract.nhwc(self.data.test_images))
             self.test_labels = tf.constant(self.data.test_labels)
         # XLA when asked: much slower on this CPU (40-120 against ~700 images/s), often the faster one on GPUs.
         self.compiled_step = tf.function(self.step_on, jit_compile=self.config.compile)
@@ -208,7 +204,7 @@ class KerasTrainer(contract.Trainer):
 
     def train_step(self, images, labels):
         with tf.device(self.device):
-            return float(self.compiled_step(tf.constant(nhwc(images)), tf.constant(labels)))
+            return float(self.compiled_step(tf.constant(contract.nhwc(images)), tf.constant(labels)))
 
     # --- Epoch -------------------------------------------------------------------------------------------------------
     # A Python loop over the compiled step, as on the PyTorch page: the step is the one train_step runs, and one
@@ -245,7 +241,7 @@ class KerasTrainer(contract.Trainer):
 
     def logits(self, images, train):
         with tf.device(self.device):
-            return self.model(tf.constant(nhwc(images)), training=train).numpy()
+            return self.model(tf.constant(contract.nhwc(images)), training=train).numpy()
 
     def learning_rates(self, steps):
         with tf.device(self.device):
@@ -268,23 +264,12 @@ class KerasTrainer(contract.Trainer):
 
 def import_canonical(model: ResNet18, weights: contract.Weights) -> None:
     for name, array in contract.check_weights(weights).items():
-        if array.ndim == 4:
-            array = array.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        elif array.ndim == 2:
-            array = array.T  # linear [out, in] -> [in, out]
-        keras_variable(model, name).assign(array)
+        keras_variable(model, name).assign(contract.to_channels_last(array))
 
 
 def export_canonical(model: ResNet18) -> contract.Weights:
-    weights = {}
-    for name in contract.canonical_shapes():
-        array = keras_variable(model, name).numpy()
-        if array.ndim == 4:
-            array = array.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-        elif array.ndim == 2:
-            array = array.T
-        weights[name] = np.ascontiguousarray(array, dtype=np.float32)
-    return weights
+    return {name: contract.from_channels_last(keras_variable(model, name).numpy())
+            for name in contract.canonical_shapes()}
 
 
 KERAS_BATCHNORM = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
