@@ -48,7 +48,7 @@ class FrameworkRun:
         self.worker = FrameworkWorker(self.framework.name, self.framework.module, self.timeout_s)
         self.gpu = GpuMemorySampler(self.worker.pid).__enter__()
         try:
-            self.worker.call("build", self.config, self.mnist_dir, self.verify_digests, None)
+            self.worker.call("build", self.config, self.mnist_dir, self.verify_digests)
             self.environment = self.worker.call("environment")
         except BaseException:
             self.__exit__()

@@ -52,13 +52,13 @@ def serve(connection, module: str) -> None:
             connection.send(("error", f"{type(error).__name__}: {error}", "" if expected else traceback.format_exc()))
 
 
-def build_trainer(module: str, config, mnist_dir, verify_digests: bool, weights):
+def build_trainer(module: str, config, mnist_dir, verify_digests: bool):
     from bench.data import load_mnist
     from implementations import contract, load_trainer_class
 
     mnist = load_mnist(mnist_dir, verify_digests=verify_digests)
     data = contract.prepare_data(*mnist, config)
-    return load_trainer_class(module)(config, data, weights if weights is not None else contract.initial_weights(config.seed))
+    return load_trainer_class(module)(config, data, contract.initial_weights(config.seed))
 
 
 class FrameworkWorker:

@@ -302,7 +302,7 @@ class Trainer(abc.ABC):
 
     def __post_init__(self):
         self.schedule = learning_rate_table(self.config, len(self.data.train_labels))
-        self.build(check_weights(self.weights))
+        self.build(self.weights)
 
     @abc.abstractmethod
     def build(self, weights: Weights) -> None:
@@ -314,7 +314,8 @@ class Trainer(abc.ABC):
 
     @abc.abstractmethod
     def import_weights(self, weights: Weights) -> None:
-        """Start afresh from canonical `weights`: model and BatchNorm statistics set, optimizer state zeroed, step 0."""
+        """Start afresh from canonical `weights` (checked with check_weights, which names what is wrong): model and
+        BatchNorm statistics set, optimizer state zeroed, step 0."""
 
     @abc.abstractmethod
     def export_weights(self) -> Weights:
@@ -354,4 +355,4 @@ class Trainer(abc.ABC):
         for indices in batches:
             self.train_step(self.data.train_images[indices], self.data.train_labels[indices])
         self.evaluate()
-        self.import_weights(check_weights(self.weights))
+        self.import_weights(self.weights)

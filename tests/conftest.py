@@ -37,7 +37,7 @@ class WorkerPool:
             self.close(keep={framework.name, "pytorch"})
             worker = FrameworkWorker(framework.name, framework.module, timeout_s=900)
             try:
-                worker.call("build", config, self.mnist_dir, True, None)
+                worker.call("build", config, self.mnist_dir, True)
             except BaseException:
                 worker.close()
                 raise
