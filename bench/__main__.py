@@ -25,16 +25,18 @@ from implementations import FRAMEWORKS, contract
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:
-    if path.exists():
-        raise BenchError(f"--output {path} exists: choose another file name (results are never overwritten)")
+    """Written to a temporary file, then linked into place; a file that appeared at `path` during the run is kept,
+    and so is the record, in the temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
         json.dump(payload, tmp, indent=2)
     os.chmod(tmp.name, 0o644)  # NamedTemporaryFile creates it private (0600)
     try:
-        os.link(tmp.name, path)  # fails if `path` appeared meanwhile, unlike a rename
-    finally:
-        os.unlink(tmp.name)
+        os.link(tmp.name, path)  # fails if `path` exists, unlike a rename
+    except FileExistsError:
+        raise BenchError(f"--output {path} appeared during the run and is left as it was; the record is kept in "
+                         f"{tmp.name}") from None
+    os.unlink(tmp.name)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:

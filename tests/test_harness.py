@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.__main__ import write_json_atomically
 from bench.data import load_mnist
+from bench.errors import BenchError
 from bench.run import FrameworkRun
 from bench.worker import FrameworkWorker, WorkerError
 from implementations import FRAMEWORKS, contract
@@ -81,7 +83,7 @@ def test_benchmark_json_has_per_epoch_rounds_and_every_field(bench_session, mnis
 def test_worker_killed_mid_epoch_reports_the_signal(mnist_dir):
     framework = FRAMEWORKS["pytorch"]
     with FrameworkWorker("pytorch", framework.module, timeout_s=300) as worker:
-        worker.call("build", SMOKE, mnist_dir, True, None)
+        worker.call("build", SMOKE, mnist_dir, True)
         threading.Timer(1.0, os.kill, (worker.pid, signal.SIGKILL)).start()  # the epoch takes ~3 s
         with pytest.raises(WorkerError, match=r"pytorch: the worker process \(pid \d+\) was killed by SIGKILL .* during 'train_epoch'"):
             worker.call("train_epoch", 0)
@@ -89,7 +91,7 @@ def test_worker_killed_mid_epoch_reports_the_signal(mnist_dir):
 
 def test_worker_past_its_time_limit_is_stopped(mnist_dir):
     with FrameworkWorker("hanging", "faulty_trainers:HangingTrainer", timeout_s=300) as worker:
-        worker.call("build", SMOKE, mnist_dir, True, None)
+        worker.call("build", SMOKE, mnist_dir, True)
         start = time.monotonic()
         with pytest.raises(WorkerError, match=r"hanging: 'train_epoch' ran past its 3 s limit; the worker was stopped"):
             worker.call("train_epoch", 0, timeout_s=3)
@@ -116,6 +118,16 @@ def test_cli_run_prints_a_summary_and_keeps_the_record(tmp_path, mnist_dir):
     assert record["epochs"] == 1 and EXTRA_INFO_FIELDS <= set(record)
     again = run_python(*args)  # the record is never overwritten
     assert again.returncode == 2 and f"--output {out} exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_a_record_whose_output_file_appeared_during_the_run_is_kept_beside_it(tmp_path):
+    out = tmp_path / "run.json"
+    out.write_text("someone else's")
+    with pytest.raises(BenchError, match="appeared during the run") as caught:
+        write_json_atomically(out, {"framework": "pytorch"})
+    assert out.read_text() == "someone else's"
+    kept = Path(str(caught.value).rsplit(" ", 1)[-1])
+    assert kept.parent == tmp_path and json.loads(kept.read_text()) == {"framework": "pytorch"}
 
 
 @pytest.mark.parametrize("args, message", [
