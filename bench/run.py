@@ -100,6 +100,7 @@ class FrameworkRun:
         final = self.evaluations[-1] if self.evaluations else None
         weights = self.worker.call("export_weights")
         return {
+            "framework": self.framework.name,
             **self.environment,
             "epochs": len(self.epoch_results),
             "batch_size": self.config.batch_size,

@@ -4,6 +4,13 @@ Everything framework-neutral lives here, once, in numpy: the run configuration, 
 conventions), the learning-rate schedule, the per-epoch data order, the canonical weight format with its initializer,
 and the `Trainer` interface that each `implementations/<framework>/` package implements. A framework file translates
 these; it never restates them.
+
+Every framework page (Python, Rust or Haskell) has the sections of PAGE_SECTIONS, in that order, each opened by one
+banner comment `# --- Model ---...` (`//` in Rust, `--` in Haskell), and uses the same names for the same things:
+`BasicBlock` and `ResNet18` for the model; on the trainer, `device_train_step(images, labels)` for one SGD step on a
+device-resident batch (what `train_epoch` runs, and what the contract's `train_step` runs after moving a host batch to
+the device) and `device_eval_step(images, labels)` for one evaluation batch (summed loss, correct count), `evaluate`,
+and `import_canonical`/`export_canonical` for the weight conversion. tests/test_pages.py checks the banners.
 """
 
 from __future__ import annotations
@@ -12,9 +19,12 @@ import abc
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
+
+
+PAGE_SECTIONS = ("Model", "State", "Train step", "Epoch", "Evaluation", "Canonical weights")
 
 
 class ConfigError(ValueError):
@@ -276,14 +286,13 @@ def from_channels_last(array: np.ndarray) -> np.ndarray:
 class EpochResult(NamedTuple):
     mean_loss: float
     images: int  # images trained on
-    seconds: float  # measured inside the worker, after the synchronizing read
+    seconds: float  # the epoch as the trainer timed it, after its synchronizing read: the harness's overhead is the rest
     label_digest: str  # label_digest() of the labels the epoch's steps consumed
 
 
 class Evaluation(NamedTuple):
     loss: float
     accuracy: float  # fraction of the 10,000 test images
-    images: int
 
 
 @dataclass
@@ -291,10 +300,10 @@ class Trainer(abc.ABC):
     """One framework's training of the shared recipe; the benchmark worker drives it through these methods only.
 
     `__init__` builds the model from `weights` and moves `data` to the device once. Steps are counted from 0 from the
-    last import_weights(); each step's learning rate is `schedule[step]`.
+    last import_weights(); each step's learning rate is `schedule[step]`. The harness names the run (the registry's
+    name, or --framework-module's): a trainer does not name itself.
     """
 
-    framework: ClassVar[str]  # the name in the registry, e.g. "pytorch"
     config: RunConfig
     data: Data
     weights: Weights
@@ -310,7 +319,7 @@ class Trainer(abc.ABC):
 
     @abc.abstractmethod
     def environment(self) -> dict:
-        """{"framework": ..., "framework_version": ..., "device": human-readable device name}."""
+        """{"framework_version": ..., "device": human-readable device name}."""
 
     @abc.abstractmethod
     def import_weights(self, weights: Weights) -> None:
@@ -325,9 +334,13 @@ class Trainer(abc.ABC):
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> float:
         """One SGD step on a host batch ([B, 1, 28, 28] normalized, [B]) at the current step's learning rate; the loss."""
 
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        """[steps, batch_size] indices into the training data, in the order every framework trains on them."""
+        return epoch_batches(self.config.seed, epoch, len(self.data.train_labels), self.config.batch_size)
+
     @abc.abstractmethod
     def train_epoch(self, epoch: int) -> EpochResult:
-        """Train on epoch_batches(seed, epoch, ...) from device-resident data; synchronized before it returns."""
+        """Train on self.epoch_batches(epoch) from device-resident data; synchronized before it returns."""
 
     @abc.abstractmethod
     def evaluate(self) -> Evaluation:
@@ -351,8 +364,7 @@ class Trainer(abc.ABC):
 
         Frameworks whose epoch runs another compiled path than train_step override this to compile that path too.
         """
-        batches = epoch_batches(self.config.seed, 0, len(self.data.train_labels), self.config.batch_size)[:3]
-        for indices in batches:
+        for indices in self.epoch_batches(0)[:3]:
             self.train_step(self.data.train_images[indices], self.data.train_labels[indices])
         self.evaluate()
         self.import_weights(self.weights)

@@ -140,7 +140,6 @@ def eval_step(dtype, params, state, images, labels):
 
 # --- Trainer: the contract's methods, over the pure functions above --------------------------------------------------
 class HaikuTrainer(contract.Trainer):
-    framework = "jax"
 
     def build(self, weights):
         self.device = select_device(self.config.device)
@@ -169,7 +168,7 @@ class HaikuTrainer(contract.Trainer):
 
     def environment(self):
         name = self.device.device_kind if self.device.platform == "gpu" else "CPU"
-        return {"framework": self.framework, "framework_version": f"jax {jax.__version__}, haiku {hk.__version__}, "
+        return {"framework_version": f"jax {jax.__version__}, haiku {hk.__version__}, "
                 f"optax {optax.__version__}", "device": name}
 
     def warm_up(self):
@@ -214,7 +213,7 @@ class HaikuTrainer(contract.Trainer):
                                                           self.test_images[batch], self.test_labels[batch])
             loss_sum, correct = loss_sum + batch_loss, correct + batch_correct  # device scalars: no sync per batch
         n = len(self.data.test_labels)
-        return contract.Evaluation(float(loss_sum) / n, int(correct) / n, n)
+        return contract.Evaluation(float(loss_sum) / n, int(correct) / n)
 
     def logits(self, images, train):
         # train=True: batch statistics; the updated running statistics are dropped, the state stays as it was.

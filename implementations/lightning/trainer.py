@@ -98,7 +98,6 @@ class StayOnDevice(pl.strategies.SingleDeviceStrategy):
 
 
 class LightningTrainer(contract.Trainer):
-    framework = "lightning"
 
     def build(self, weights):
         self.device = select_device(self.config)
@@ -121,7 +120,7 @@ class LightningTrainer(contract.Trainer):
 
     def environment(self):
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
-        return {"framework": self.framework, "framework_version": pl.__version__, "device": name}
+        return {"framework_version": pl.__version__, "device": name}
 
     # --- Train step --------------------------------------------------------------------------------------------------
     def fit_one_epoch(self, loader) -> None:
@@ -158,7 +157,7 @@ class LightningTrainer(contract.Trainer):
         batches = torch.arange(n, device=self.device).view(-1, contract.EVAL_BATCH_SIZE)
         loader = device_batches(self.test_images, self.test_labels, batches)
         [metrics] = self.trainer.test(self.module, loader, verbose=False)  # eval mode, inference mode, autocast
-        return contract.Evaluation(metrics["test_loss_sum"] / n, metrics["test_correct"] / n, n)
+        return contract.Evaluation(metrics["test_loss_sum"] / n, metrics["test_correct"] / n)
 
     @torch.no_grad()
     def logits(self, images, train):

@@ -78,7 +78,6 @@ def device_data(data: contract.Data, device: torch.device) -> tuple[torch.Tensor
 
 # --- State -----------------------------------------------------------------------------------------------------------
 class TorchTrainer(contract.Trainer):
-    framework = "pytorch"
 
     def build(self, weights):
         self.device = select_device(self.config)
@@ -91,7 +90,7 @@ class TorchTrainer(contract.Trainer):
 
     def environment(self):
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
-        return {"framework": self.framework, "framework_version": torch.__version__, "device": name}
+        return {"framework_version": torch.__version__, "device": name}
 
     def autocast(self):
         if self.config.precision == "bf16":
@@ -148,7 +147,7 @@ class TorchTrainer(contract.Trainer):
             loss_sum += F.cross_entropy(logits, labels, reduction="sum")
             correct += (logits.argmax(1) == labels).sum()
         n = len(self.test_labels)
-        return contract.Evaluation(loss_sum.item() / n, correct.item() / n, n)
+        return contract.Evaluation(loss_sum.item() / n, correct.item() / n)
 
     @torch.no_grad()
     def logits(self, images, train):

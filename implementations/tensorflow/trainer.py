@@ -164,7 +164,6 @@ class SGD(keras.optimizers.Optimizer):
 
 
 class KerasTrainer(contract.Trainer):
-    framework = "tensorflow"
 
     def build(self, weights):
         self.device = select_device(self.config.device)
@@ -191,7 +190,7 @@ class KerasTrainer(contract.Trainer):
         name = "CPU"
         if self.device != "/CPU:0":
             name = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])["device_name"]
-        return {"framework": self.framework, "framework_version": tf.__version__, "device": name}
+        return {"framework_version": tf.__version__, "device": name}
 
     # --- Train step --------------------------------------------------------------------------------------------------
     def step_on(self, images, labels):  # traced once by tf.function: one graph per step, no Python inside
@@ -237,7 +236,7 @@ class KerasTrainer(contract.Trainer):
                 batch_loss, batch_correct = self.compiled_eval(self.test_images[batch], self.test_labels[batch])
                 loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
         n = len(self.data.test_labels)
-        return contract.Evaluation(float(loss_sum) / n, int(correct) / n, n)  # the one host read
+        return contract.Evaluation(float(loss_sum) / n, int(correct) / n)  # the one host read
 
     def logits(self, images, train):
         with tf.device(self.device):
