@@ -45,7 +45,8 @@ class FrameworkRun:
     notes: list = field(default_factory=list)
 
     def __enter__(self):
-        self.worker = FrameworkWorker(self.framework.name, self.framework.module, self.timeout_s)
+        self.worker = FrameworkWorker(self.framework.name, self.framework.module, self.timeout_s,
+                                     self.framework.environment)
         self.gpu = GpuMemorySampler(self.worker.pid).__enter__()
         try:
             self.worker.call("build", self.config, self.mnist_dir, self.verify_digests)

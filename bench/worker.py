@@ -26,8 +26,9 @@ class WorkerError(BenchError):
     """The framework's worker failed: it raised, crashed, or ran past its time limit."""
 
 
-def serve(connection, module: str) -> None:
+def serve(connection, module: str, environment: tuple[tuple[str, str], ...] = ()) -> None:
     """The worker's main loop: build one trainer, then run the methods the benchmark process asks for."""
+    os.environ.update(environment)  # before the framework is imported (KERAS_BACKEND, say)
     trainer = None
     while True:
         try:
@@ -64,11 +65,12 @@ def build_trainer(module: str, config, mnist_dir, verify_digests: bool):
 class FrameworkWorker:
     """A spawned process serving one framework's trainer. Use as a context manager, or call close()."""
 
-    def __init__(self, framework: str, module: str, timeout_s: float):
+    def __init__(self, framework: str, module: str, timeout_s: float, environment: tuple[tuple[str, str], ...] = ()):
         self.framework, self.timeout_s = framework, timeout_s
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no framework state inherited
         self.connection, child_end = context.Pipe()
-        self.process = context.Process(target=serve, args=(child_end, module), name=f"bench-{framework}", daemon=True)
+        self.process = context.Process(target=serve, args=(child_end, module, environment), name=f"bench-{framework}",
+                                       daemon=True)
         self.process.start()
         child_end.close()
 

@@ -16,6 +16,7 @@ class Framework(NamedTuple):
     module: str  # "package.module:TrainerClass"
     requires: tuple[str, ...]  # import names that must be installed
     install_hint: str
+    environment: tuple[tuple[str, str], ...] = ()  # variables the worker sets before it imports `module`
 
 
 FRAMEWORKS = {

@@ -35,7 +35,7 @@ class WorkerPool:
         key = (framework.name, config, replica)
         if key not in self.workers:
             self.close(keep={framework.name, "pytorch"})
-            worker = FrameworkWorker(framework.name, framework.module, timeout_s=900)
+            worker = FrameworkWorker(framework.name, framework.module, timeout_s=900, environment=framework.environment)
             try:
                 worker.call("build", config, self.mnist_dir, True)
             except BaseException:
