@@ -1,22 +1,56 @@
 """pytest options and fixtures of the benchmark suite (`pytest bench`) and the harness tests (`pytest tests`).
 
-This process never imports a framework: frameworks are parametrized by name and run in worker processes.
+This process never imports a framework: frameworks are parametrized by name and run in worker processes. Every option
+is checked before the first worker starts. `--benchmark-json` is written atomically and never over an existing file;
+an interrupted session (Ctrl-C, or SIGTERM from a CI runner or a job scheduler) writes neither it nor the autosaved
+history as if it had finished: what finished is kept as `<name>.partial.json`, marked as interrupted.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import tempfile
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from bench.errors import BenchError
 from bench import options
-from bench.run import require_installed, resolve_framework
-from bench.summary import SELECTED_FRAMEWORKS, summary_table
-from implementations import FRAMEWORKS, contract
+from bench.errors import BenchError
+from bench.record import INTERRUPTED, SELECTED_FRAMEWORKS, MatmulRate, RunRecord
+from bench.run import require_installed, resolve_frameworks
+from bench.summary import summary_table
+from bench.worker import check_trainer_classes
+from bench.yardstick import measure_matmul_rate
+from implementations import FRAMEWORKS, Framework, contract
 
-RECORDS = pytest.StashKey[list]()
+
+@dataclass
+class BenchSession:
+    """This pytest session's run settings and results, kept in config.stash."""
+
+    run_config: contract.RunConfig
+    mnist_dir: str | None
+    verify_digests: bool
+    worker_timeout_s: float
+    frameworks: list[Framework]
+    json_target: Path | None = None  # where --benchmark-json goes once the session is complete
+    json_partial: Path | None = None  # where pytest-benchmark writes it meanwhile
+    interrupted: bool = False
+    records: list[RunRecord] = field(default_factory=list)
+    matmul_rates: dict[str, MatmulRate] = field(default_factory=dict)  # per device kind, measured once
+
+    def matmul_rate(self, device: str) -> MatmulRate:
+        kind = "cpu" if device == "CPU" else "cuda"
+        if kind not in self.matmul_rates:
+            self.matmul_rates[kind] = measure_matmul_rate(kind, self.run_config.precision)
+        return self.matmul_rates[kind]
+
+
+SESSION = pytest.StashKey[BenchSession]()
 
 
 def pytest_addoption(parser):
@@ -31,48 +65,38 @@ def pytest_addoption(parser):
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-benchmark reads --benchmark-json
 def pytest_configure(config):
-    config.stash[RECORDS] = []
-    claim_benchmark_json(config)
-    values = {options.dest(flag): config.getoption(options.dest(flag)) for flag, _ in options.RUN_OPTIONS}
     try:
-        config.bench_run_config = options.run_config(values)
-        config.bench_mnist_dir = options.mnist_dir(values)
-        config.bench_extra_modules = dict(parse_module(text) for text in config.getoption("framework_module"))
-        names = config.getoption("frameworks")
-        names = names.split(",") if names else [*FRAMEWORKS, *config.bench_extra_modules]
-        config.bench_frameworks = [resolve_framework(name.strip(), config.bench_extra_modules) for name in names]
+        session = checked_session(config)
     except (BenchError, contract.ConfigError) as error:
         raise pytest.UsageError(str(error)) from None
+    if session.json_target is not None:  # every option is valid: only now may a folder be created
+        session.json_target.parent.mkdir(parents=True, exist_ok=True)
+        session.json_partial = session.json_target.with_name(f".{session.json_target.name}.{os.getpid()}.partial")
+        config.option.benchmark_json = session.json_partial
+    config.stash[SESSION] = session
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
 
 
-def claim_benchmark_json(config) -> None:
-    """Make --benchmark-json atomic and never silently overwriting: pytest-benchmark writes a temporary file beside the
-    target, which is linked into place once complete (os.link fails if the target appeared meanwhile)."""
+def stop_on_sigterm(signum, frame):
+    """SIGTERM (a CI runner's or job scheduler's stop) ends the session as Ctrl-C does: workers stopped, no results
+    recorded as complete."""
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def checked_session(config) -> BenchSession:
+    values = {options.dest(flag): config.getoption(options.dest(flag)) for flag, _ in options.RUN_OPTIONS}
+    extra_modules = dict(parse_module(text) for text in config.getoption("framework_module"))
+    names = config.getoption("frameworks")
+    names = [name.strip() for name in names.split(",")] if names else [*FRAMEWORKS, *extra_modules]
+    session = BenchSession(options.run_config(values), options.mnist_dir(values), not values["no_verify_digests"],
+                           values["worker_timeout"], resolve_frameworks(names, extra_modules))
     target = config.getoption("benchmark_json", None)
-    if target is None:
-        return
-    target = Path(target)
-    if target.exists():
-        raise pytest.UsageError(f"--benchmark-json {target} exists and would be overwritten: choose a new file name, "
-                                "or keep a numbered history with --benchmark-autosave --benchmark-storage=file://results/history")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    config.option.benchmark_json = target.parent / f".{target.name}.{os.getpid()}.partial"
-    config.bench_json_target = target
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_sessionfinish(session):
-    yield  # pytest-benchmark writes the temporary JSON here
-    config = session.config
-    target = getattr(config, "bench_json_target", None)
-    partial = Path(config.option.benchmark_json) if target else None
-    if partial is not None and partial.exists():
-        try:
-            os.link(partial, target)
-        except FileExistsError:
-            raise pytest.UsageError(f"{target} appeared during the run; the results are kept in {partial}") from None
-        partial.unlink()
-        config.get_terminal_writer().line(f"results written to {target}")
+    if target is not None:
+        options.check_output_path(Path(target), "--benchmark-json")
+        session.json_target = Path(target)
+    check_trainer_classes({name: module for name, module in extra_modules.items() if name in names})
+    return session
 
 
 def parse_module(text: str) -> tuple[str, str]:
@@ -86,7 +110,7 @@ def pytest_generate_tests(metafunc):
     """Parametrize `framework` over the selected frameworks; those not installed are skipped, saying so."""
     if "framework" in metafunc.fixturenames:
         params = []
-        for framework in metafunc.config.bench_frameworks:
+        for framework in metafunc.config.stash[SESSION].frameworks:
             try:
                 require_installed(framework)
                 marks = ()
@@ -97,22 +121,73 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(scope="session")
-def run_config(pytestconfig) -> contract.RunConfig:
-    return pytestconfig.bench_run_config
-
-
-@pytest.fixture(scope="session")
-def run_records(pytestconfig) -> list:
-    return pytestconfig.stash[RECORDS]
+def bench_session(pytestconfig) -> BenchSession:
+    return pytestconfig.stash[SESSION]
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    """Which frameworks this session set out to run: the gate tells a framework that failed from one not selected."""
-    output_json[SELECTED_FRAMEWORKS] = [framework.name for framework in config.bench_frameworks]
+    """Which frameworks this session set out to run (the gate tells a failure from a framework not selected), and
+    whether it was interrupted."""
+    session = config.stash[SESSION]
+    output_json[SELECTED_FRAMEWORKS] = [framework.name for framework in session.frameworks]
+    if session.interrupted:
+        output_json[INTERRUPTED] = True
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionfinish(session, exitstatus):
+    bench = session.config.stash[SESSION]
+    write = session.config.get_terminal_writer().line
+    if exitstatus == pytest.ExitCode.INTERRUPTED:
+        bench.interrupted = True
+        benchmark_session = session.config._benchmarksession  # pytest-benchmark's: no history for an unfinished run
+        if benchmark_session.save or benchmark_session.autosave:
+            benchmark_session.save = benchmark_session.autosave = None
+            write("interrupted: the session is not saved in the benchmark history")
+    try:
+        yield  # pytest-benchmark writes --benchmark-json to the partial file here
+    except OSError as error:
+        if bench.json_partial is not None:
+            bench.json_partial.unlink(missing_ok=True)
+        raise pytest.UsageError(f"--benchmark-json {bench.json_target} could not be written ({error.strerror}); "
+                                f"{keep_records(bench.records)}") from None
+    if bench.json_partial is None:
+        return
+    if not bench.json_partial.exists():
+        if bench.interrupted:
+            write(f"interrupted before any framework finished: {bench.json_target} not written")
+        return
+    target = bench.json_target.with_name(f"{bench.json_target.stem}.partial.json") if bench.interrupted \
+        else bench.json_target
+    try:
+        os.link(bench.json_partial, target)  # fails if the target appeared meanwhile, unlike a rename
+    except FileExistsError:
+        raise pytest.UsageError(f"{target} appeared during the run; the results are kept in {bench.json_partial}") from None
+    bench.json_partial.unlink()
+    if bench.interrupted:
+        write(f"interrupted: {bench.json_target} not written; the frameworks that finished "
+              f"({', '.join(r.framework for r in bench.records) or 'none'}) are kept in {target}, marked incomplete")
+    else:
+        write(f"results written to {target}")
+
+
+def keep_records(records: list[RunRecord]) -> str:
+    """The measured records put where the user can find them, and the sentence that says where."""
+    text, path = json.dumps([record.to_json() for record in records], indent=2), None
+    try:
+        descriptor, path = tempfile.mkstemp(prefix="mnist-bench-records-", suffix=".json")
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+        return f"the records are kept in {path}"
+    except OSError:
+        if path is not None:
+            os.unlink(path)
+        print(text)
+        return "the records are printed above"
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    records = config.stash.get(RECORDS, [])
+    records = config.stash[SESSION].records if SESSION in config.stash else []
     if records:
         terminalreporter.section("MNIST ResNet18: per-framework results")
         terminalreporter.write_line(summary_table(records))

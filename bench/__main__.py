@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -19,38 +19,64 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench import options
 from bench.errors import BenchError
-from bench.run import FrameworkRun, accuracy_failure, require_installed, resolve_framework
+from bench.run import FrameworkRun, accuracy_failure, require_installed, resolve_frameworks
 from bench.summary import summary_table
+from bench.yardstick import measure_matmul_rate
 from implementations import FRAMEWORKS, contract
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:
     """Written to a temporary file, then linked into place; a file that appeared at `path` during the run is kept,
-    and so is the record, in the temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        json.dump(payload, tmp, indent=2)
-    os.chmod(tmp.name, 0o644)  # NamedTemporaryFile creates it private (0600)
+    and so is the record, in the temporary file. If the record cannot be written at all (a full disk), the error says
+    where it went instead: a file in the system's temporary folder, or standard output."""
+    text = json.dumps(payload, indent=2)
+    temporary = None
     try:
-        os.link(tmp.name, path)  # fails if `path` exists, unlike a rename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+        os.chmod(temporary, 0o644)  # mkstemp creates it private (0600)
+        os.link(temporary, path)  # fails if `path` exists, unlike a rename
     except FileExistsError:
         raise BenchError(f"--output {path} appeared during the run and is left as it was; the record is kept in "
-                         f"{tmp.name}") from None
-    os.unlink(tmp.name)
+                         f"{temporary}") from None
+    except OSError as error:
+        if temporary is not None:
+            os.unlink(temporary)
+        raise BenchError(f"--output {path} could not be written ({error.strerror}); {keep_elsewhere(text)}") from None
+    os.unlink(temporary)
+
+
+def keep_elsewhere(text: str) -> str:
+    kept = None
+    try:
+        descriptor, kept = tempfile.mkstemp(prefix="mnist-bench-record-", suffix=".json")
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+        return f"the record is kept in {kept}"
+    except OSError:
+        if kept is not None:
+            os.unlink(kept)
+        print(text)
+        return "the record is printed above"
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
     values = vars(args)
     config = options.run_config(values)
-    framework = resolve_framework(args.framework)
+    (framework,) = resolve_frameworks([args.framework], {})
     require_installed(framework)
     output = Path(args.output) if args.output else None
-    if output is not None and output.exists():
-        raise BenchError(f"--output {output} exists: choose another file name (results are never overwritten)")
+    if output is not None:
+        options.check_output_path(output, "--output")
     console.print(f"[bold]{framework.name}[/]: {config.epochs} epoch(s), batch {config.batch_size}, "
                   f"{config.train_subset or 'all'} training images, device {config.device}, seed {config.seed}")
     with FrameworkRun(framework, config, options.mnist_dir(values), not args.no_verify_digests, args.worker_timeout) as run:
-        console.print(f"worker ready on {run.environment['device']} ({framework.name} {run.environment['framework_version']}); warming up")
+        console.print(f"worker ready on {run.environment['device']} ({framework.name} {run.environment['framework_version']}); "
+                      "measuring the matmul yardstick")
+        run.matmul = measure_matmul_rate("cpu" if run.environment["device"] == "CPU" else "cuda", config.precision)
+        console.print(f"matmul: {run.matmul.flops_per_second / 1e9:,.0f} GFLOP/s ({run.matmul.description}); warming up")
         run.warm_up()
         console.print(f"warm-up {run.warmup_s:.1f} s")
         columns = (TextColumn("epoch {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.description}"),
@@ -68,12 +94,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
             run.train(on_epoch=show)
         record = run.record()
     console.print(summary_table([record]))
-    console.print(f"epoch times: {', '.join(f'{s:.2f}' for s in record['epoch_seconds'])} s "
-                  f"(median {statistics.median(record['epoch_seconds']):.2f} s)")
-    for note in record["notes"]:
+    console.print(f"epoch times: {', '.join(f'{s:.2f}' for s in record.epoch_seconds)} s "
+                  f"(median {record.median_epoch_seconds:.2f} s)")
+    for note in record.notes:
         console.print(f"note: {note}")
     if output is not None:
-        write_json_atomically(output, record)
+        write_json_atomically(output, record.to_json())
         console.print(f"record written to {output}")
     failure = accuracy_failure(record)
     if failure:
@@ -92,14 +118,20 @@ def main(argv=None) -> int:
     run_parser.add_argument("--output", help="also write the run's record to this JSON file (must not exist)")
     args = parser.parse_args(argv)
     console = Console(stderr=False)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         return run(args, console)
     except (BenchError, contract.ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interruption:
+        print(f"interrupted{f' by {interruption}' if str(interruption) else ''}: the worker is stopped, nothing is "
+              "recorded", file=sys.stderr)
         return 130
+
+
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")  # a scheduler's stop ends the run as Ctrl-C does: the worker is stopped too
 
 
 if __name__ == "__main__":

@@ -57,6 +57,10 @@ class GpuMemorySampler:
         return self
 
     def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop sampling (the peak is final); stopping again does nothing."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
-from bench.run import DEFAULT_WORKER_TIMEOUT_S
 from bench.errors import BenchError
+from bench.worker import DEFAULT_CALL_TIMEOUT_S
 from implementations import contract
 
 
-def positive_float(text: str) -> float:
+def positive_seconds(text: str) -> float:
     value = float(text)
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(text)
     return value
 
@@ -36,7 +38,7 @@ RUN_OPTIONS = [
                                             "then the user cache, else a verified download")),
     ("--no-verify-digests", dict(action="store_true", default=False,
                                  help="skip the SHA-256 check of the MNIST files (custom data in MNIST format)")),
-    ("--worker-timeout", dict(type=positive_float, default=DEFAULT_WORKER_TIMEOUT_S,
+    ("--worker-timeout", dict(type=positive_seconds, default=DEFAULT_CALL_TIMEOUT_S,
                               help="seconds one worker call (an epoch, say) may take before the worker is stopped")),
 ]
 
@@ -59,3 +61,19 @@ def mnist_dir(values: dict) -> str | None:
         source = "--mnist-dir" if values["mnist_dir"] else "MNIST_DIR"
         raise BenchError(f"{source} {folder!r} is not a folder; point it at the folder that holds the MNIST IDX files")
     return folder
+
+
+def check_output_path(path: Path, option: str) -> None:
+    """Refuse, before any training, an output file that exists or could not be created: the run's record must land."""
+    if os.path.lexists(path):
+        what = "is a dangling symbolic link" if path.is_symlink() and not path.exists() else "exists"
+        raise BenchError(f"{option} {path} {what}: results are never overwritten; choose a new file name")
+    folder = path.parent
+    while not folder.exists():  # the folders that would be created, up to the first that exists
+        if os.path.lexists(folder):
+            raise BenchError(f"{option} {path}: {folder} is a dangling symbolic link; choose another place")
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BenchError(f"{option} {path}: {folder} is a file, not a folder; choose another place")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BenchError(f"{option} {path}: the folder {folder} is not writable; choose another place")

@@ -1,29 +1,36 @@
 """A framework's benchmark run, driven from the benchmark process: worker start, warm-up, timed epochs, the record.
 
 `pytest bench` times `FrameworkRun.train_epoch` through pytest-benchmark; `python -m bench run` calls it directly.
-Both evaluate between epochs, outside the timed calls, and produce the same record (pytest-benchmark's extra_info).
+Both evaluate between epochs, outside the timed calls, and produce the same `RunRecord`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
 from bench.errors import BenchError
 from bench.gpu import GpuMemorySampler
-from bench.worker import FrameworkWorker
+from bench.record import MatmulRate, RunRecord
+from bench.worker import DEFAULT_CALL_TIMEOUT_S, FrameworkWorker
 from implementations import FRAMEWORKS, Framework, contract, missing_packages
 
-DEFAULT_WORKER_TIMEOUT_S = 1800.0  # per worker call: one epoch of a slow framework on a 2-core CPU fits
 
-
-def resolve_framework(name: str, extra_modules: dict[str, str] | None = None) -> Framework:
-    """A registered framework, or one given as NAME=package.module:Class (an implementation outside this repository)."""
-    if extra_modules and name in extra_modules:
-        return Framework(name, extra_modules[name], (), "")
-    if name not in FRAMEWORKS:
-        raise BenchError(f"unknown framework {name!r}; choose from {', '.join(FRAMEWORKS)}")
-    return FRAMEWORKS[name]
+def resolve_frameworks(names: list[str], extra_modules: dict[str, str]) -> list[Framework]:
+    """Registered frameworks, or ones given as NAME=package.module:Class (implementations outside this repository)."""
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise BenchError(f"--frameworks names {', '.join(duplicates)} more than once; name each framework once")
+    frameworks = []
+    for name in names:
+        if name in extra_modules:
+            frameworks.append(Framework(name, extra_modules[name], (), ""))
+        elif name in FRAMEWORKS:
+            frameworks.append(FRAMEWORKS[name])
+        else:
+            raise BenchError(f"unknown framework {name!r}; choose from {', '.join([*FRAMEWORKS, *extra_modules])}")
+    return frameworks
 
 
 def require_installed(framework: Framework) -> None:
@@ -34,31 +41,35 @@ def require_installed(framework: Framework) -> None:
 
 @dataclass
 class FrameworkRun:
+    """Use as a context manager: entering starts and builds the worker; leaving stops it, whatever happened."""
+
     framework: Framework
     config: contract.RunConfig
     mnist_dir: str | None = None
     verify_digests: bool = True
-    timeout_s: float = DEFAULT_WORKER_TIMEOUT_S
-    epoch_results: list = field(default_factory=list)  # contract.EpochResult per trained epoch
-    epoch_seconds: list = field(default_factory=list)  # wall time of each train_epoch call, seen from here
-    evaluations: list = field(default_factory=list)  # contract.Evaluation after each epoch
-    notes: list = field(default_factory=list)
+    timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+    matmul: MatmulRate | None = None  # the session's yardstick on this run's device, when measured
+    environment: dict = field(default_factory=dict)  # the trainer's framework_version and device
+    warmup_s: float | None = None
+    epoch_results: list[contract.EpochResult] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)  # wall time of each train_epoch call, seen from here
+    evaluations: list[contract.Evaluation] = field(default_factory=list)  # after each epoch
+    worker: FrameworkWorker | None = None
+    gpu: GpuMemorySampler | None = None
+    resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
-    def __enter__(self):
-        self.worker = FrameworkWorker(self.framework.name, self.framework.module, self.timeout_s,
-                                     self.framework.environment)
-        self.gpu = GpuMemorySampler(self.worker.pid).__enter__()
-        try:
+    def __enter__(self) -> FrameworkRun:
+        with self.resources as resources:  # on an error here, closes what was opened so far
+            self.worker = resources.enter_context(FrameworkWorker(
+                self.framework.name, self.framework.module, self.timeout_s, self.framework.environment))
+            self.gpu = resources.enter_context(GpuMemorySampler(self.worker.pid))
             self.worker.call("build", self.config, self.mnist_dir, self.verify_digests)
             self.environment = self.worker.call("environment")
-        except BaseException:
-            self.__exit__()
-            raise
+            self.resources = resources.pop_all()
         return self
 
-    def __exit__(self, *exc):
-        self.gpu.__exit__()
-        self.worker.close()
+    def __exit__(self, *exc) -> None:
+        self.resources.close()
 
     def warm_up(self) -> None:
         start = time.perf_counter()
@@ -85,51 +96,41 @@ class FrameworkRun:
             if on_epoch:
                 on_epoch(self)
 
-    def record(self) -> dict:
-        """Everything measured, JSON-ready: the benchmark's extra_info and the CLI's summary."""
+    def record(self) -> RunRecord:
+        """Everything measured. Stops the GPU memory sampler: call it once, after the last epoch."""
         self.evaluate_new_epoch()
-        self.gpu.__exit__()
-        if self.gpu.note:
-            self.notes.append(self.gpu.note)
-        accuracies = [e.accuracy for e in self.evaluations]
-        cumulative, time_to_target = 0.0, None
-        for seconds, accuracy in zip(self.epoch_seconds, accuracies):
-            cumulative += seconds
-            if time_to_target is None and accuracy >= self.config.min_accuracy:
-                time_to_target = cumulative
-        images = sum(r.images for r in self.epoch_results)
+        self.gpu.stop()
         final = self.evaluations[-1] if self.evaluations else None
-        weights = self.worker.call("export_weights")
-        return {
-            "framework": self.framework.name,
-            **self.environment,
-            "epochs": len(self.epoch_results),
-            "batch_size": self.config.batch_size,
-            "train_images": self.epoch_results[0].images if self.epoch_results else 0,
-            "images_per_second": images / sum(self.epoch_seconds) if self.epoch_seconds else None,
-            "test_accuracy": final.accuracy if final else None,
-            "test_loss": final.loss if final else None,
-            "epoch_test_accuracy": accuracies,
-            "epoch_train_loss": [r.mean_loss for r in self.epoch_results],
-            "epoch_seconds": self.epoch_seconds,
-            "epoch_label_digests": [r.label_digest for r in self.epoch_results],
-            "target_accuracy": self.config.min_accuracy,
-            "time_to_target_s": time_to_target,
-            "warmup_s": getattr(self, "warmup_s", None),
-            "trainable_parameters": contract.trainable_parameter_count(weights),
-            "gpu_memory_peak_bytes": self.gpu.peak_bytes,
-            "allocator_peak_bytes": self.worker.call("memory_peak_bytes"),
-            "peak_rss_bytes": self.worker.call("peak_rss_bytes"),
-            "config": self.config.as_dict(),
-            "notes": self.notes,
-        }
+        return RunRecord(
+            framework=self.framework.name,
+            framework_version=self.environment.get("framework_version"),
+            device=self.environment.get("device"),
+            config=self.config.as_dict(),
+            train_images=self.epoch_results[0].images if self.epoch_results else None,
+            epoch_seconds=self.epoch_seconds,
+            worker_epoch_seconds=[r.seconds for r in self.epoch_results],
+            epoch_train_loss=[r.mean_loss for r in self.epoch_results],
+            epoch_test_accuracy=[e.accuracy for e in self.evaluations],
+            epoch_label_digests=[r.label_digest for r in self.epoch_results],
+            test_accuracy=final.accuracy if final else None,
+            test_loss=final.loss if final else None,
+            target_accuracy=self.config.min_accuracy,
+            warmup_s=self.warmup_s,
+            trainable_parameters=contract.trainable_parameter_count(self.worker.call("export_weights")),
+            gpu_memory_peak_bytes=self.gpu.peak_bytes,
+            allocator_peak_bytes=self.worker.call("memory_peak_bytes"),
+            peak_rss_bytes=self.worker.call("peak_rss_bytes"),
+            training_flops_per_image=contract.training_flops_per_image(),
+            matmul=self.matmul,
+            notes=[self.gpu.note] if self.gpu.note else [],
+        )
 
 
-def accuracy_failure(record: dict) -> str | None:
+def accuracy_failure(record: RunRecord) -> str | None:
     """Why the run missed its accuracy target, or None if it reached it."""
-    reached, required = record["test_accuracy"], record["target_accuracy"]
+    reached, required = record.test_accuracy, record.target_accuracy
     if reached is None or reached < required:
         shown = "no evaluation" if reached is None else f"{reached:.2%}"
-        return (f"{record['framework']}: test accuracy {shown} after {record['epochs']} epoch(s) is below the required "
-                f"{required:.2%} (per epoch: {', '.join(f'{a:.2%}' for a in record['epoch_test_accuracy'])})")
+        return (f"{record.framework}: test accuracy {shown} after {record.epochs} epoch(s) is below the required "
+                f"{required:.2%} (per epoch: {', '.join(f'{a:.2%}' for a in record.epoch_test_accuracy)})")
     return None

@@ -1,4 +1,4 @@
-"""The comparison table of framework runs (records as in extra_info), in Markdown: readable in a terminal and a README.
+"""The comparison table of framework runs, in Markdown: readable in a terminal and a README.
 
 `pytest bench` and `python -m bench run` print it after a run; `python -m bench.report` prints it for saved runs and
 builds its history tables from the same cell formats.
@@ -6,35 +6,19 @@ builds its history tables from the same cell formats.
 
 from __future__ import annotations
 
-import statistics
+from bench.record import RunRecord
 
 COLUMNS = ("framework", "version", "device", "epochs", "median epoch s", "images/s", "test accuracy",
-           "time to target s", "peak memory", "vs fastest")
+           "time to target s", "peak memory", "model TFLOP/s", "of matmul", "harness overhead", "vs fastest")
 NONE = "–"
-# A top-level key of `pytest bench`'s JSON: the frameworks the session set out to run (`--frameworks`, else every one).
-SELECTED_FRAMEWORKS = "mnist_bench_selected_frameworks"
-
-
-def median_epoch_seconds(record: dict) -> float | None:
-    """The median epoch time; a record read back without per-epoch times carries pytest-benchmark's median instead."""
-    if record.get("epoch_seconds"):
-        return statistics.median(record["epoch_seconds"])
-    return record.get("benchmark_median_s")
-
-
-def peak_memory_bytes(record: dict) -> tuple[int | None, str]:
-    """GPU memory from NVML where there is a GPU, else the worker's peak resident memory; and which: "GPU" or "RSS"."""
-    if record.get("gpu_memory_peak_bytes") is not None:
-        return record["gpu_memory_peak_bytes"], "GPU"
-    return record.get("peak_rss_bytes"), "RSS"
 
 
 def mebibytes(value) -> str:
     return NONE if value is None else f"{value / 2**20:,.0f} MiB"
 
 
-def peak_memory(record: dict) -> str:
-    value, kind = peak_memory_bytes(record)
+def peak_memory(record: RunRecord) -> str:
+    value, kind = record.peak_memory
     return NONE if value is None else f"{mebibytes(value)} {kind}"
 
 
@@ -42,19 +26,22 @@ def seconds(value, digits: int = 2) -> str:
     return NONE if value is None else f"{value:.{digits}f}"
 
 
-def percent(fraction) -> str:
-    return NONE if fraction is None else f"{fraction:.2%}"
+def percent(fraction, digits: int = 2) -> str:
+    return NONE if fraction is None else f"{fraction:.{digits}%}"
 
 
-def images_per_second(record: dict) -> str:
-    value = record.get("images_per_second")
-    return NONE if value is None else f"{value:,.0f}"
+def images_per_second(record: RunRecord) -> str:
+    return NONE if record.images_per_second is None else f"{record.images_per_second:,.0f}"
 
 
-def time_to_target(record: dict) -> str:
-    if record.get("test_accuracy") is None:
+def time_to_target(record: RunRecord) -> str:
+    if record.test_accuracy is None:
         return NONE
-    return "not reached" if record.get("time_to_target_s") is None else seconds(record["time_to_target_s"], 1)
+    return "not reached" if record.time_to_target_s is None else seconds(record.time_to_target_s, 1)
+
+
+def teraflops(value) -> str:
+    return NONE if value is None else f"{value / 1e12:.3f}"
 
 
 def markdown_table(columns, rows) -> str:
@@ -63,20 +50,19 @@ def markdown_table(columns, rows) -> str:
     return "\n".join(lines)
 
 
-def summary_table(records: list[dict]) -> str:
-    medians = [median_epoch_seconds(r) for r in records]
+def summary_table(records: list[RunRecord]) -> str:
     fastest = {}  # per device: a CPU run is not "slower" than a GPU run, it runs elsewhere
-    for record, median in zip(records, medians):
-        if median:
-            device = record.get("device")
-            fastest[device] = min(fastest.get(device, median), median)
+    for record in records:
+        if record.median_epoch_seconds:
+            fastest[record.device] = min(fastest.get(record.device, record.median_epoch_seconds),
+                                         record.median_epoch_seconds)
     rows = []
-    for record, median in zip(records, medians):
-        best = fastest.get(record.get("device"))
-        relative = NONE if not median or best is None else f"{best / median:.2f}×"
+    for record in records:
+        best, median = fastest.get(record.device), record.median_epoch_seconds
         rows.append([
-            record.get("framework", "?"), record.get("framework_version", "?"), record.get("device", "?"),
-            record.get("epochs", "?"), seconds(median), images_per_second(record), percent(record.get("test_accuracy")),
-            time_to_target(record), peak_memory(record), relative,
+            record.framework, record.framework_version or "?", record.device or "?", record.epochs, seconds(median),
+            images_per_second(record), percent(record.test_accuracy), time_to_target(record), peak_memory(record),
+            teraflops(record.achieved_flops_per_second), percent(record.matmul_utilization, 0),
+            percent(record.harness_overhead, 1), NONE if not median or best is None else f"{best / median:.2f}×",
         ])
     return markdown_table(COLUMNS, rows)

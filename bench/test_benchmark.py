@@ -10,17 +10,18 @@ from bench.run import FrameworkRun, accuracy_failure
 from bench.worker import WorkerError
 
 
-def test_train(benchmark, framework, run_config, run_records, pytestconfig):
-    benchmark.group = f"mnist-resnet18 epoch time (batch {run_config.batch_size})"
-    run = FrameworkRun(framework, run_config, pytestconfig.bench_mnist_dir,
-                       verify_digests=not pytestconfig.getoption("no_verify_digests"),
-                       timeout_s=pytestconfig.getoption("worker_timeout"))
+def test_train(benchmark, framework, bench_session):
+    config = bench_session.run_config
+    benchmark.group = f"mnist-resnet18 epoch time (batch {config.batch_size})"
+    run = FrameworkRun(framework, config, bench_session.mnist_dir, bench_session.verify_digests,
+                       bench_session.worker_timeout_s)
     failure = None
     try:
         with run:
+            run.matmul = bench_session.matmul_rate(run.environment["device"])
             run.warm_up()
-            benchmark.pedantic(run.train_epoch, setup=run.evaluate_new_epoch, rounds=run_config.epochs, iterations=1)
-            while len(run.epoch_results) < run_config.epochs:  # --benchmark-disable runs the rounds' function once
+            benchmark.pedantic(run.train_epoch, setup=run.evaluate_new_epoch, rounds=config.epochs, iterations=1)
+            while len(run.epoch_results) < config.epochs:  # --benchmark-disable runs the rounds' function once
                 run.train_epoch()
                 run.evaluate_new_epoch()
             record = run.record()
@@ -28,8 +29,8 @@ def test_train(benchmark, framework, run_config, run_records, pytestconfig):
         failure = str(error)
     if failure:  # outside the except block: the message alone, no chained traceback
         pytest.fail(failure, pytrace=False)
-    benchmark.extra_info.update(record)
-    run_records.append(record)
+    benchmark.extra_info.update(record.to_json())
+    bench_session.records.append(record)
     failure = accuracy_failure(record)
     if failure:
         pytest.fail(failure, pytrace=False)

@@ -3,18 +3,28 @@
 The benchmark process talks to it through a pipe: `call("train_epoch", 0)` runs `trainer.train_epoch(0)` in the worker
 and returns the result. A crash, a hang past the time limit, or an exception inside the framework comes back as a
 `WorkerError` that names the framework; the benchmark process itself never imports a framework.
+
+A worker never outlives the benchmark: it ignores Ctrl-C (the benchmark process stops it, so one interrupted run prints
+one message, not a traceback per worker), it is stopped by `close()` within SHUTDOWN_GRACE_S even mid-epoch, and it
+ends itself if the benchmark process dies (Linux's parent-death signal, else a thread watching its parent).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
 import multiprocessing
 import os
 import resource
 import signal
+import threading
+import time
 import traceback
 
 from bench.errors import BenchError
 
+DEFAULT_CALL_TIMEOUT_S = 1800.0  # per worker call: one epoch of a slow framework on a 2-core CPU fits
+SHUTDOWN_GRACE_S = 5.0  # after close(): an idle worker exits at once, a busy one is terminated after this
 # What the benchmark process may ask of a trainer (plus "peak_rss_bytes" and "build", served by the worker itself).
 TRAINER_METHODS = frozenset({
     "environment", "warm_up", "train_step", "train_epoch", "evaluate", "logits", "learning_rates",
@@ -26,14 +36,31 @@ class WorkerError(BenchError):
     """The framework's worker failed: it raised, crashed, or ran past its time limit."""
 
 
-def serve(connection, module: str, environment: tuple[tuple[str, str], ...] = ()) -> None:
+def exit_with_parent(parent_pid: int) -> None:
+    """End this process when the benchmark process (parent_pid) dies, however it dies (SIGKILL included)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: watch the parent instead
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def serve(connection, module: str, environment: tuple[tuple[str, str], ...], parent_pid: int) -> None:
     """The worker's main loop: build one trainer, then run the methods the benchmark process asks for."""
+    exit_with_parent(parent_pid)
     os.environ.update(environment)  # before the framework is imported (KERAS_BACKEND, say)
     trainer = None
     while True:
         try:
             method, args = connection.recv()
-        except EOFError:  # the benchmark process went away
+        except EOFError:  # the benchmark process closed the pipe
             return
         try:
             if method == "build":
@@ -65,12 +92,13 @@ def build_trainer(module: str, config, mnist_dir, verify_digests: bool):
 class FrameworkWorker:
     """A spawned process serving one framework's trainer. Use as a context manager, or call close()."""
 
-    def __init__(self, framework: str, module: str, timeout_s: float, environment: tuple[tuple[str, str], ...] = ()):
+    def __init__(self, framework: str, module: str, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+                 environment: tuple[tuple[str, str], ...] = ()):
         self.framework, self.timeout_s = framework, timeout_s
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no framework state inherited
         self.connection, child_end = context.Pipe()
-        self.process = context.Process(target=serve, args=(child_end, module, environment), name=f"bench-{framework}",
-                                       daemon=True)
+        self.process = context.Process(target=serve, args=(child_end, module, environment, os.getpid()),
+                                       name=f"bench-{framework}", daemon=True)
         self.process.start()
         child_end.close()
 
@@ -107,15 +135,44 @@ class FrameworkWorker:
         return WorkerError(f"{self.framework}: the worker process (pid {self.pid}) {how} during '{method}'")
 
     def close(self) -> None:
-        if self.process.is_alive():
-            self.connection.close()  # the worker's recv() sees EOF and returns
-            self.process.join(10)
+        """Stop the worker: an idle one reads the closed pipe and exits; a busy one is terminated, then killed."""
+        self.connection.close()
+        self.process.join(SHUTDOWN_GRACE_S)
+        for stop in (self.process.terminate, self.process.kill):
             if self.process.is_alive():
-                os.kill(self.pid, signal.SIGKILL)
-                self.process.join()
+                stop()
+                self.process.join(SHUTDOWN_GRACE_S)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def trainer_class_problem(module: str) -> str | None:
+    """Why "package.module:Class" is no usable contract.Trainer, or None (run in a child: it imports the framework)."""
+    from implementations import contract, load_trainer_class
+
+    try:
+        trainer_class = load_trainer_class(module)
+    except Exception as error:
+        return f"cannot be loaded ({type(error).__name__}: {error})"
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, contract.Trainer)):
+        return f"{trainer_class!r} is not a subclass of implementations.contract.Trainer"
+    abstract = sorted(getattr(trainer_class, "__abstractmethods__", ()))
+    if abstract:
+        return f"{trainer_class.__name__} does not implement {', '.join(abstract)}"
+    return None
+
+
+def check_trainer_classes(modules: dict[str, str]) -> None:
+    """A BenchError naming the first --framework-module that is no Trainer, checked in one spawned process."""
+    if not modules:
+        return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        problems = list(pool.map(trainer_class_problem, modules.values()))
+    for (name, module), problem in zip(modules.items(), problems):
+        if problem:
+            raise BenchError(f"--framework-module {name}={module}: {problem}")

@@ -72,6 +72,11 @@ class RunConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{option(name)} must be a positive integer, got {value!r}")
+        if self.batch_size == 1:
+            raise ConfigError("--batch-size must be at least 2: BatchNorm trains on batch statistics, and layer4's 1x1 "
+                              "maps hold one value per channel for a batch of one image")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--seed must be a non-negative integer (numpy seeds), got {self.seed!r}")
         if self.train_subset is not None and (not isinstance(self.train_subset, int) or self.train_subset < 1):
             raise ConfigError(f"--train-subset must be a positive integer (or omitted for all images), got {self.train_subset!r}")
         if self.train_subset is not None and self.train_subset < self.batch_size:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from bench.worker import FrameworkWorker
+from commands import run_python
 from implementations import contract
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,7 +19,8 @@ SHARED_MNIST = REPO.parent / "shared" / "mnist"  # the copy that CI and develope
 
 @pytest.fixture(scope="session")
 def mnist_dir(pytestconfig) -> str:
-    folder = pytestconfig.bench_mnist_dir or (str(SHARED_MNIST) if SHARED_MNIST.is_dir() else None)
+    folder = pytestconfig.getoption("mnist_dir") or os.environ.get("MNIST_DIR") or (
+        str(SHARED_MNIST) if SHARED_MNIST.is_dir() else None)
     if folder is None:
         pytest.fail("the harness tests need MNIST: set MNIST_DIR or --mnist-dir", pytrace=False)
     return folder
@@ -55,3 +60,26 @@ def workers(mnist_dir):
     yield pool
     pool.close()
 
+
+
+class BenchSessionRun(NamedTuple):
+    result: subprocess.CompletedProcess
+    json_path: Path  # --benchmark-json
+    history: Path  # the --benchmark-autosave storage
+
+
+@pytest.fixture(scope="session")
+def real_session(tmp_path_factory, mnist_dir) -> BenchSessionRun:
+    """One real `pytest bench` session with the smoke preset, shared by the harness and report tests: two broken
+    implementations and the PyTorch page run as an outside implementation named `mine`."""
+    folder = tmp_path_factory.mktemp("real-session")
+    out = folder / "run.json"
+    result = run_python(
+        "-m", "pytest", "bench", "--preset", "smoke", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
+        "--frameworks=raising,selfkill,mine", f"--benchmark-json={out}",
+        "--benchmark-autosave", f"--benchmark-storage=file://{folder / 'history'}",
+        "--framework-module", "raising=faulty_trainers:RaisingTrainer",
+        "--framework-module", "selfkill=faulty_trainers:SelfKillingTrainer",
+        "--framework-module", "mine=implementations.pytorch.trainer:TorchTrainer")
+    assert "2 failed, 1 passed" in result.stdout, result.stdout + result.stderr
+    return BenchSessionRun(result, out, folder / "history")

@@ -6,6 +6,7 @@ They are the PyTorch reference with one fault each, so the failures come from a 
 import os
 import signal
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,7 +30,13 @@ class SelfKillingTrainer(TorchTrainer):
 
 
 class HangingTrainer(TorchTrainer):
-    """Never finishes its epoch (a deadlock, say)."""
+    """Never finishes its epoch (a deadlock, say); touches $HANG_MARKER, if set, when it starts hanging."""
 
     def train_epoch(self, epoch):
+        if os.environ.get("HANG_MARKER"):
+            Path(os.environ["HANG_MARKER"]).touch()
         time.sleep(3600)
+
+
+class NotATrainer:
+    """What a typo in --framework-module can name: a class, but no contract.Trainer."""

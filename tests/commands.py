@@ -1,0 +1,18 @@
+"""The commands a user runs, run by the tests as real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def run_python(*args, timeout=600, env=None, cwd=REPO) -> subprocess.CompletedProcess:
+    """`python ARGS` from the repository, with tests/ on the path (faulty_trainers)."""
+    environment = {**os.environ, "PYTHONPATH": str(TESTS), **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=environment)

@@ -1,0 +1,219 @@
+"""The regression gate, on the real session's JSON, on the committed baseline, and on files derived from them."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import gate
+from bench.record import SELECTED_FRAMEWORKS, RunRecord, load_run_file
+from bench.summary import mebibytes
+from commands import REPO, run_python
+from runfiles import FRAMEWORK, entry, on_other_machine, renamed, variant, write
+
+BASELINE = REPO / "results" / "baseline-smoke-cpu.json"
+
+
+@pytest.fixture
+def real_run(real_session) -> Path:
+    return real_session.json_path
+
+
+@pytest.fixture
+def data(real_run) -> dict:
+    return json.loads(real_run.read_text())
+
+
+def run_gate(capsys, baseline: Path, new: Path, *options) -> tuple[int, str, str]:
+    code = gate.main([str(arg) for arg in ("--baseline", baseline, new, *options)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def regressions(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("REGRESSION")]
+
+
+def test_gate_passes_an_unchanged_run(capsys, real_run):
+    code, out, _ = run_gate(capsys, real_run, real_run)
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()] == ["ok", "ok", "ok", "gate:"]
+    assert out.splitlines()[-1].startswith("gate: passed")
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "time", "memory"])
+def test_gate_fails_a_regression_naming_framework_metric_and_both_values(capsys, real_run, data, tmp_path, metric):
+    old = RunRecord.from_json(entry(data)["extra_info"], "real run")
+    if metric == "accuracy":
+        change = {"test_accuracy": old.test_accuracy - 0.05}
+        expected = (f"REGRESSION {FRAMEWORK} test accuracy: baseline {old.test_accuracy:.2%}, "
+                    f"new {change['test_accuracy']:.2%} (-5.00 points; allowed -1.00)")
+    elif metric == "time":
+        change = {"epoch_seconds": [2 * s for s in old.epoch_seconds]}
+        rate = f"{old.matmul.flops_per_second / 1e9:,.0f} GFLOP/s"
+        expected = (f"REGRESSION {FRAMEWORK} median epoch time relative to the machine's matmul speed: baseline "
+                    f"{old.median_epoch_seconds:.2f} s at {rate}, new {2 * old.median_epoch_seconds:.2f} s at {rate} "
+                    "(+100%; allowed +35%)")
+    else:
+        memory, kind = old.peak_memory
+        change = {"gpu_memory_peak_bytes" if kind == "GPU" else "peak_rss_bytes": 2 * memory}
+        expected = (f"REGRESSION {FRAMEWORK} peak {kind} memory: baseline {mebibytes(memory)}, new "
+                    f"{mebibytes(2 * memory)} (+100%; allowed +25%)")
+    code, out, _ = run_gate(capsys, real_run, write(tmp_path / "worse.json", variant(data, **change)))
+    assert code == 1
+    assert regressions(out) == [expected]
+    assert out.splitlines()[-1].startswith("gate: FAILED, 1 regression(s)")
+
+
+# --- Time relative to the machine: the committed baseline from a slower machine, and a slower framework ---------------
+def scaled(data: dict, time_factor: float, matmul_factor: float, frameworks=None) -> dict:
+    """The run as a machine `1/time_factor` as fast would record it (times x time_factor, matmul rate x matmul_factor),
+    for the given frameworks (default: all)."""
+    changed = copy.deepcopy(data)
+    for benchmark in changed["benchmarks"]:
+        info = benchmark["extra_info"]
+        if frameworks is None or info["framework"] in frameworks:
+            for key in ("epoch_seconds", "worker_epoch_seconds"):
+                info[key] = [time_factor * s for s in info[key]]
+            benchmark["stats"]["data"] = [time_factor * s for s in benchmark["stats"]["data"]]
+            info["matmul"]["flops_per_second"] *= matmul_factor
+    return changed
+
+
+def test_the_committed_baseline_is_a_readable_smoke_run_of_every_framework():
+    baseline = load_run_file(BASELINE)
+    records = baseline.by_framework()
+    assert set(records) >= {"pytorch", "lightning", "tensorflow", "jax"}
+    assert all(r.config["train_subset"] == 4096 and r.matmul is not None for r in records.values())
+    assert BASELINE.stat().st_size < 300_000
+
+
+def test_a_uniformly_twice_slower_machine_passes_the_committed_baseline(capsys, tmp_path):
+    baseline = json.loads(BASELINE.read_text())
+    slower = write(tmp_path / "slower-machine.json", scaled(baseline, 2.0, 0.5))
+    code, out, _ = run_gate(capsys, BASELINE, slower)
+    assert code == 0 and not regressions(out), out
+    code, out, _ = run_gate(capsys, BASELINE, slower, "--absolute-time")  # what the seconds alone would have said
+    assert code == 1 and len(regressions(out)) == len(baseline["benchmarks"]), out
+
+
+def test_one_framework_alone_half_as_slow_again_fails_on_the_committed_baseline(capsys, tmp_path):
+    baseline = json.loads(BASELINE.read_text())
+    slower = scaled(scaled(baseline, 2.0, 0.5), 1.5, 1.0, frameworks={"jax"})
+    code, out, _ = run_gate(capsys, BASELINE, write(tmp_path / "jax-slower.json", slower))
+    assert code == 1
+    (line,) = regressions(out)
+    assert line.startswith("REGRESSION jax median epoch time relative to the machine's matmul speed") and "+50%" in line
+
+
+def test_a_baseline_without_a_yardstick_is_compared_in_seconds_only_when_asked(capsys, real_run, data, tmp_path):
+    old = copy.deepcopy(data)
+    del entry(old)["extra_info"]["matmul"]
+    old = write(tmp_path / "old.json", old)
+    code, out, _ = run_gate(capsys, old, real_run)
+    assert code == 0 and "the baseline has no matmul yardstick" in out and "--absolute-time" in out
+    code, out, _ = run_gate(capsys, old, real_run, "--absolute-time")
+    assert code == 0 and f"ok {FRAMEWORK} median epoch time: baseline" in out
+
+
+# --- Matching ---------------------------------------------------------------------------------------------------------
+def test_gate_tolerances_are_options(capsys, real_run, data, tmp_path):
+    slower = variant(data, epoch_seconds=[1.3 * s for s in entry(data)["extra_info"]["epoch_seconds"]])
+    slower_file = write(tmp_path / "slower.json", slower)
+    assert run_gate(capsys, real_run, slower_file)[0] == 0
+    assert run_gate(capsys, real_run, slower_file, "--max-time-increase", "0.2")[0] == 1
+
+
+def test_gate_matches_by_framework_not_by_test_name(capsys, real_run, data, tmp_path):
+    code, out, _ = run_gate(capsys, real_run, write(tmp_path / "renamed.json", renamed(data)))
+    assert code == 1 and f"REGRESSION {FRAMEWORK} test accuracy" in out and "(-2.00 points; allowed -1.00)" in out
+
+
+def test_gate_fails_a_framework_missing_from_the_new_run_and_notes_a_new_one(capsys, real_run, data, tmp_path):
+    swapped = variant(data, framework="jax")
+    code, out, _ = run_gate(capsys, real_run, write(tmp_path / "jax-only.json", swapped))
+    assert code == 1
+    assert (f"REGRESSION {FRAMEWORK}: in the baseline, missing from the new run (it crashed, failed in its timed "
+            "epochs, or was skipped as not installed)") in out
+    assert "note: jax: new, not in the baseline (record a new baseline to gate it)" in out
+
+
+def test_gate_notes_a_baseline_framework_the_new_run_did_not_select(capsys, real_run, data, tmp_path):
+    assert data[SELECTED_FRAMEWORKS] == ["raising", "selfkill", FRAMEWORK]  # recorded by the real session
+    baseline = copy.deepcopy(data)
+    baseline["benchmarks"].append(entry(variant(data, framework="jax")))
+    baseline = write(tmp_path / "baseline.json", baseline)
+    code, out, _ = run_gate(capsys, baseline, real_run)
+    assert code == 0 and "note: jax: in the baseline, not selected in the new run (--frameworks), not checked" in out
+    unrecorded = {key: value for key, value in data.items() if key != SELECTED_FRAMEWORKS}  # an older harness's file
+    code, out, _ = run_gate(capsys, baseline, write(tmp_path / "old.json", unrecorded))
+    assert code == 1 and "REGRESSION jax: in the baseline, missing from the new run" in out
+
+
+def test_a_framework_that_failed_in_its_timed_epochs_is_left_out_and_fails_the_gate(capsys, data, real_run, tmp_path):
+    # pytest-benchmark leaves out the entry of a test that failed inside benchmark.pedantic
+    assert [benchmark["extra_info"]["framework"] for benchmark in data["benchmarks"]] == [FRAMEWORK]
+    baseline = copy.deepcopy(data)
+    baseline["benchmarks"].append(entry(variant(data, framework="raising")))
+    code, out, _ = run_gate(capsys, write(tmp_path / "baseline.json", baseline), real_run)
+    assert code == 1 and "REGRESSION raising: in the baseline, missing from the new run" in out
+
+
+def test_gate_fails_a_run_that_crashed_after_its_timed_epochs(capsys, real_run, data, tmp_path):
+    crashed = copy.deepcopy(data)
+    entry(crashed)["extra_info"] = {}  # what pytest-benchmark keeps when record() fails after the timed rounds
+    code, out, _ = run_gate(capsys, real_run, write(tmp_path / "crashed.json", crashed))
+    assert code == 1
+    assert (f"REGRESSION {FRAMEWORK} test accuracy: baseline {entry(data)['extra_info']['test_accuracy']:.2%}, new "
+            "none (the run failed before evaluating)") in out
+
+
+def test_gate_refuses_a_baseline_from_another_device(capsys, real_run, data, tmp_path):
+    other = write(tmp_path / "xeon.json", on_other_machine(data))
+    code, out, err = run_gate(capsys, other, real_run)
+    assert code == 2 and out == ""
+    assert f"its baseline on {entry(data)['extra_info']['device']} · Intel Xeon Platinum 8480" in err
+    assert "--allow-device-change" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = run_gate(capsys, other, real_run, "--allow-device-change")
+    assert code == 0 and "epoch time and memory not compared" in out
+
+
+def test_a_run_without_benchmarks_fails_the_gate(capsys, real_run, data, tmp_path):
+    nothing = copy.deepcopy(data)
+    nothing["benchmarks"] = []
+    assert run_gate(capsys, real_run, write(tmp_path / "nothing.json", nothing))[0] == 1
+
+
+def test_two_entries_for_one_framework_cannot_be_matched(capsys, real_run, data, tmp_path):
+    doubled = copy.deepcopy(data)
+    doubled["benchmarks"].append(copy.deepcopy(entry(data)))
+    code, _, err = run_gate(capsys, real_run, write(tmp_path / "doubled.json", doubled))
+    assert code == 2 and f"two entries for {FRAMEWORK}" in err
+
+
+# --- Bad input --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("side", ["baseline", "new"])
+def test_values_that_cannot_be_true_are_refused_on_either_side(capsys, real_run, data, tmp_path, side):
+    bad = write(tmp_path / "nan.json", variant(data, test_accuracy=float("nan")))
+    code, out, err = run_gate(capsys, *((bad, real_run) if side == "baseline" else (real_run, bad)))
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: {bad}: benchmark 1 ({FRAMEWORK}): test_accuracy is nan"), err
+
+
+@pytest.mark.parametrize("value", ["-0.1", "nan", "inf", "many"])
+def test_tolerances_must_be_finite_and_not_negative(real_run, value):
+    result = run_python("-m", "bench.gate", "--baseline", str(real_run), str(real_run), "--max-time-increase", value,
+                        timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"argument --max-time-increase: a finite fraction of at least 0, got {value!r}" in result.stderr
+
+
+def test_gate_cli_exit_codes_for_ci(real_run, data, tmp_path):
+    worse = write(tmp_path / "worse.json", variant(data, test_accuracy=0.1))
+    runs = {name: run_python("-m", "bench.gate", "--baseline", str(real_run), str(new), timeout=60)
+            for name, new in {"same": real_run, "worse": worse, "missing": tmp_path / "missing.json"}.items()}
+    assert [runs[name].returncode for name in ("same", "worse", "missing")] == [0, 1, 2]
+    assert "Traceback" not in runs["missing"].stderr and "no such file" in runs["missing"].stderr
