@@ -373,3 +373,64 @@ class Trainer(abc.ABC):
             self.train_step(self.data.train_images[indices], self.data.train_labels[indices])
         self.evaluate()
         self.import_weights(self.weights)
+
+
+# --- Work per image: what model FLOPs utilization divides by the machine's measured peak ---------------------------
+# Convolutions and the linear layer by the direct method, a multiply-add counted as 2 FLOPs (torch's FlopCounterMode's
+# convention, and PaLM's MFU's), kernel taps that read padding included. Not counted: BatchNorm, ReLU, pooling, the
+# residual additions, the loss and the SGD update, all linear in activations or parameters rather than in multiply-adds:
+# about 1% of the total.
+INPUT_SIDE = 28
+
+
+def output_side(side: int, kernel: int, stride: int, padding: int) -> int:
+    """The side of a square map after a convolution or pooling window (floor rounding, like every framework)."""
+    return (side + 2 * padding - kernel) // stride + 1
+
+
+def taps_inside(side: int, kernel: int, stride: int, padding: int) -> int:
+    """Along one axis, how many (output position, kernel tap) pairs read the input rather than its padding."""
+    return sum(0 <= position * stride - padding + tap < side
+               for position in range(output_side(side, kernel, stride, padding)) for tap in range(kernel))
+
+
+def forward_multiply_adds(include_padding: bool = True) -> dict[str, int]:
+    """Multiply-adds of one image's forward pass in each convolution and the linear layer, by canonical weight name.
+
+    include_padding=False counts only the taps that read the image: what a convolution that skips padding multiplies.
+    On MNIST's small maps that is about half the direct method's count (layer4's 3x3 kernels see a 1x1 map: 1 tap of 9).
+    """
+    counts: dict[str, int] = {}
+
+    def conv(name: str, in_ch: int, out_ch: int, kernel: int, stride: int, side: int) -> int:
+        padding = kernel // 2  # torchvision's: 3 for the 7x7 stem, 1 for 3x3, 0 for the 1x1 shortcut
+        out_side = output_side(side, kernel, stride, padding)
+        taps = out_side * kernel if include_padding else taps_inside(side, kernel, stride, padding)
+        counts[f"{name}.weight"] = taps * taps * out_ch * in_ch
+        return out_side
+
+    side = conv("conv1", 1, STAGE_WIDTHS[0], 7, 2, INPUT_SIDE)
+    side = output_side(side, kernel=3, stride=2, padding=1)  # max pooling
+    in_ch = STAGE_WIDTHS[0]
+    for stage, (width, blocks) in enumerate(zip(STAGE_WIDTHS, BLOCKS_PER_STAGE), start=1):
+        for block in range(blocks):
+            prefix, stride, block_input_side = f"layer{stage}.{block}", 2 if block == 0 and stage > 1 else 1, side
+            side = conv(f"{prefix}.conv1", in_ch, width, 3, stride, block_input_side)
+            side = conv(f"{prefix}.conv2", width, width, 3, 1, side)
+            if block == 0 and stage > 1:
+                conv(f"{prefix}.downsample.0", in_ch, width, 1, stride, block_input_side)
+            in_ch = width
+    counts["fc.weight"] = STAGE_WIDTHS[-1] * NUM_CLASSES  # after global average pooling: one 512-vector per image
+    return counts
+
+
+def forward_flops_per_image() -> int:
+    return 2 * sum(forward_multiply_adds().values())
+
+
+def training_flops_per_image() -> int:
+    """Forward, then backward's two products per layer, each as many multiply-adds as its forward: the gradient of the
+    layer's input and that of its weights. The stem convolution's input gradient is left out: nothing needs the image's.
+    """
+    forward = forward_multiply_adds()
+    return 2 * (3 * sum(forward.values()) - forward["conv1.weight"])
