@@ -46,7 +46,7 @@ class BenchSession:
     def matmul_rate(self, device: str) -> MatmulRate:
         kind = "cpu" if device == "CPU" else "cuda"
         if kind not in self.matmul_rates:
-            self.matmul_rates[kind] = measure_matmul_rate(kind, self.run_config.precision)
+            self.matmul_rates[kind] = measure_matmul_rate(kind, self.run_config.precision, self.run_config.allow_tf32)
         return self.matmul_rates[kind]
 
 

@@ -75,7 +75,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     with FrameworkRun(framework, config, options.mnist_dir(values), not args.no_verify_digests, args.worker_timeout) as run:
         console.print(f"worker ready on {run.environment['device']} ({framework.name} {run.environment['framework_version']}); "
                       "measuring the matmul yardstick")
-        run.matmul = measure_matmul_rate("cpu" if run.environment["device"] == "CPU" else "cuda", config.precision)
+        run.matmul = measure_matmul_rate("cpu" if run.environment["device"] == "CPU" else "cuda", config.precision,
+                                         config.allow_tf32)
         console.print(f"matmul: {run.matmul.flops_per_second / 1e9:,.0f} GFLOP/s ({run.matmul.description}); warming up")
         run.warm_up()
         console.print(f"warm-up {run.warmup_s:.1f} s")

@@ -26,11 +26,25 @@ INTERRUPTED = "mnist_bench_interrupted"  # present and true in the file an inter
 
 @dataclass(frozen=True)
 class MatmulRate:
-    """The session's yardstick: a dense matrix multiply on the run's device, timed in the same session."""
+    """The session's yardstick (bench/yardstick.py): a dense matrix multiply on the run's device, timed in the same
+    session; model FLOPs utilization divides by it and the gate compares epoch times in its units."""
 
-    flops_per_second: float
-    description: str  # what was multiplied where, e.g. "numpy float32 2048x2048 @ 2048x2048, 2 threads"
-    nominal_peak_flops: float | None = None  # a GPU's datasheet peak for the precision, where known
+    device: str  # "cpu" or "cuda"
+    hardware: str  # the CPU model or the GPU name
+    precision: str  # the run's --precision this rate stands for
+    dtype: str  # what was multiplied, e.g. "float32", "float32 on TF32 tensor cores", "bfloat16"
+    size: int  # n of the n x n by n x n product: 2 n^3 FLOPs
+    flops_per_second: float  # of the fastest product: the machine's measured peak
+    median_flops_per_second: float
+    products: int  # how many were timed (after one warm-up)
+    threads: int | None  # BLAS threads on CPU; None on GPU
+    method: str  # one line: library, version, what was timed
+    nominal_peak_flops: float | None  # GPU: the vendor's datasheet figure (dense), None where the model is not listed
+    nominal_peak_source: str  # which datasheet row, or why there is none
+
+    @property
+    def description(self) -> str:
+        return f"{self.hardware}, {self.dtype} {self.size}x{self.size}: {self.method}"
 
 
 @dataclass(frozen=True)
@@ -183,10 +197,10 @@ FIELD_RULES = {  # field -> (check, what a valid value is)
     "allocator_peak_bytes": (count, "a non-negative integer of bytes"),
     "peak_rss_bytes": (count, "a non-negative integer of bytes"),
     "training_flops_per_image": (positive, "a positive finite number"),
-    "matmul": (lambda value: isinstance(value, dict) and positive(value.get("flops_per_second"))
-               and text(value.get("description")) and (value.get("nominal_peak_flops") is None
-                                                       or positive(value["nominal_peak_flops"])),
-               "an object with a positive flops_per_second and a description"),
+    "matmul": (lambda value: isinstance(value, dict) and {spec.name for spec in fields(MatmulRate)} <= set(value)
+               and positive(value["flops_per_second"]) and positive(value["median_flops_per_second"])
+               and (value["nominal_peak_flops"] is None or positive(value["nominal_peak_flops"])),
+               "a matmul yardstick with positive finite rates"),
     "notes": list_of(text, "strings"),
     "schema": (count, "a schema version"),
 }
@@ -197,7 +211,7 @@ def checked(name: str, value, where: str):
     if not check(value):
         raise BenchError(f"{where}: {name} is {short(value)}, not {what}")
     if name == "matmul":
-        return MatmulRate(**{key: value.get(key) for key in ("flops_per_second", "description", "nominal_peak_flops")})
+        return MatmulRate(**{spec.name: value[spec.name] for spec in fields(MatmulRate)})
     return value
 
 

@@ -23,10 +23,9 @@ import platform
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass
 
 from bench.errors import BenchError
-from implementations import contract
+from bench.record import MatmulRate
 
 MIN_PRODUCT_S = 0.01
 BUDGET_S = 1.0
@@ -53,31 +52,6 @@ NOMINAL_PEAKS = (
 
 class YardstickError(BenchError):
     """The matrix-multiply rate could not be measured on the requested device."""
-
-
-@dataclass(frozen=True)
-class MatmulRate:
-    device: str  # "cpu" or "cuda"
-    hardware: str  # the CPU model or the GPU name
-    precision: str  # the run's --precision this rate stands for
-    dtype: str  # what was multiplied, e.g. "float32", "float32 on TF32 tensor cores", "bfloat16"
-    size: int  # n of the n x n by n x n product: 2 n^3 FLOPs
-    flops_per_second: float  # of the fastest product: the machine's measured peak
-    median_flops_per_second: float
-    products: int  # how many were timed (after one warm-up)
-    threads: int | None  # BLAS threads on CPU; None on GPU
-    method: str  # one line: library, version, what was timed
-    nominal_peak_flops: float | None  # GPU: the vendor's datasheet figure (dense), None where the model is not listed
-    nominal_peak_source: str  # which datasheet row, or why there is none
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def model_flops_utilization(images_per_second: float, rate: MatmulRate) -> float:
-    """The model's arithmetic per second over the measured matmul rate; above 1 where kernels multiply less than the
-    direct method counts (Winograd, FFT convolutions)."""
-    return images_per_second * contract.training_flops_per_image() / rate.flops_per_second
 
 
 def measure_matmul_rate(device: str, precision: str, allow_tf32: bool = True, size: int | None = None) -> MatmulRate:

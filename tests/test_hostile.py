@@ -1,0 +1,243 @@
+"""The harness under hostile input and signals: bad options refused before any worker starts, nothing measured lost
+to an output that cannot be written, no interrupted session saved as complete, no worker outliving the benchmark.
+
+Real commands in real processes: real signals, a real full disk (a small tmpfs, where this machine lets a test mount
+one), the real PyTorch page and a trainer that hangs (tests/faulty_trainers.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.worker import SHUTDOWN_GRACE_S
+from commands import REPO, TESTS, run_python
+
+QUICK = ["--preset", "smoke", "--epochs", "1", "--train-subset", "256", "--min-accuracy", "0"]
+MINE = "mine=implementations.pytorch.trainer:TorchTrainer"
+HANG = "hang=faulty_trainers:HangingTrainer"
+
+
+# --- Options: refused in one line naming the option, before any worker starts, no folder created --------------------
+BAD_OPTIONS = {  # options -> what the one line says
+    ("--seed", "-1"): "--seed must be a non-negative integer",
+    ("--batch-size", "1"): "--batch-size must be at least 2",
+    ("--worker-timeout", "nan"): "argument --worker-timeout: positive, finite seconds, got 'nan'",
+    ("--worker-timeout", "inf"): "argument --worker-timeout: positive, finite seconds, got 'inf'",
+    ("--worker-timeout", "0"): "argument --worker-timeout: positive, finite seconds, got '0'",
+}
+
+
+@pytest.mark.parametrize("option", BAD_OPTIONS, ids=" ".join)
+def test_bad_run_options_are_refused_before_anything_runs(option, mnist_dir, tmp_path):
+    output = tmp_path / "new" / "out.json"
+    ran = run_python("-m", "bench", "run", "pytorch", *option, "--mnist-dir", mnist_dir, "--output", str(output),
+                     timeout=120)
+    session = run_python("-m", "pytest", "bench", *option, "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
+                         f"--benchmark-json={output}", timeout=120)
+    for result, code in ((ran, 2), (session, 4)):
+        assert result.returncode == code, result.stdout + result.stderr
+        assert BAD_OPTIONS[option] in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "new").exists(), "a refused run created its output folder"
+
+
+def test_a_framework_named_twice_is_refused(mnist_dir):
+    result = run_python("-m", "pytest", "bench", "--frameworks=pytorch,jax,pytorch", "--mnist-dir", mnist_dir,
+                        "-p", "no:cacheprovider", timeout=120)
+    assert result.returncode == 4 and "--frameworks names pytorch more than once" in result.stderr, result.stderr
+
+
+def test_an_unknown_framework_is_refused(mnist_dir):
+    result = run_python("-m", "pytest", "bench", "--frameworks=pytorch,cobol", "--mnist-dir", mnist_dir,
+                        "-p", "no:cacheprovider", timeout=120)
+    assert result.returncode == 4 and "unknown framework 'cobol'" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("module, message", [
+    ("faulty_trainers:NotATrainer", "is not a subclass of implementations.contract.Trainer"),
+    ("faulty_trainers:NoSuchClass", "cannot be loaded (AttributeError"),
+])
+def test_a_framework_module_that_is_no_trainer_is_refused(module, message, mnist_dir):
+    result = run_python("-m", "pytest", "bench", "--frameworks=mine", f"--framework-module=mine={module}",
+                        "--mnist-dir", mnist_dir, "-p", "no:cacheprovider", timeout=300)
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert f"--framework-module mine={module}: " in result.stderr and message in result.stderr, result.stderr
+
+
+@pytest.fixture
+def read_only_folder(tmp_path) -> Path:
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True).returncode:
+        if os.geteuid() == 0:
+            pytest.skip("cannot mount a read-only tmpfs here, and root writes into any folder")
+        folder.chmod(0o555)
+    yield folder
+    subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path, read_only_folder, mnist_dir):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "dangling.json").symlink_to(tmp_path / "nowhere" / "out.json")
+    cases = {
+        tmp_path / "a-file" / "out.json": f"{tmp_path / 'a-file'} is a file, not a folder",
+        read_only_folder / "out.json": f"the folder {read_only_folder} is not writable",
+        tmp_path / "dangling.json": "is a dangling symbolic link",
+        tmp_path / "dangling.json" / "out.json": "is a dangling symbolic link",
+    }
+    for output, message in cases.items():
+        ran = run_python("-m", "bench", "run", "pytorch", "--mnist-dir", mnist_dir, "--output", str(output), timeout=120)
+        assert ran.returncode == 2 and f"--output {output}" in ran.stderr and message in ran.stderr, ran.stderr
+        session = run_python("-m", "pytest", "bench", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
+                             f"--benchmark-json={output}", timeout=120)
+        assert session.returncode == 4 and message in session.stderr, session.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+# --- Nothing measured is lost ------------------------------------------------------------------------------------------
+@pytest.fixture
+def full_disk(tmp_path) -> Path:
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"no tmpfs to fill here ({mounted.stderr.strip() or 'mount failed'})")
+    try:
+        with open(folder / "filler", "wb") as filler:
+            while True:
+                filler.write(b"\0" * 4096)
+                filler.flush()
+    except OSError:
+        pass
+    yield folder
+    subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def kept_path(stderr: str, what: str) -> Path:
+    return Path(stderr.split(f"the {what} kept in ")[1].split()[0].rstrip(";"))
+
+
+def test_a_record_that_cannot_be_written_after_training_is_kept_elsewhere(full_disk, mnist_dir):
+    output = full_disk / "run.json"
+    ran = run_python("-m", "bench", "run", "pytorch", *QUICK, "--mnist-dir", mnist_dir, "--output", str(output))
+    assert ran.returncode == 2, ran.stdout + ran.stderr
+    assert f"--output {output} could not be written (No space left on device)" in ran.stderr, ran.stderr
+    kept = kept_path(ran.stderr, "record is")
+    assert json.loads(kept.read_text())["framework"] == "pytorch"
+    kept.unlink()
+    assert sorted(path.name for path in full_disk.iterdir()) == ["filler"], "a temporary file was left behind"
+
+
+def test_benchmark_json_that_cannot_be_written_keeps_the_records_elsewhere(full_disk, mnist_dir):
+    output = full_disk / "out.json"
+    session = run_python("-m", "pytest", "bench", *QUICK, "--frameworks=mine", f"--framework-module={MINE}",
+                         "--mnist-dir", mnist_dir, "-p", "no:cacheprovider", f"--benchmark-json={output}")
+    assert session.returncode == 4, session.stdout + session.stderr
+    assert f"--benchmark-json {output} could not be written (No space left on device)" in session.stderr
+    kept = kept_path(session.stderr, "records are")
+    assert [record["framework"] for record in json.loads(kept.read_text())] == ["mine"]
+    kept.unlink()
+    assert sorted(path.name for path in full_disk.iterdir()) == ["filler"], "a temporary file was left behind"
+
+
+def test_benchmark_json_is_never_overwritten(tmp_path, mnist_dir):
+    existing = tmp_path / "out.json"
+    existing.write_text("{}")
+    result = run_python("-m", "pytest", "bench", "--frameworks=pytorch", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
+                        f"--benchmark-json={existing}", timeout=120)
+    assert result.returncode == 4 and f"--benchmark-json {existing} exists" in result.stderr, result.stderr
+    assert existing.read_text() == "{}"
+
+
+# --- Interruptions and signals ---------------------------------------------------------------------------------------
+def descendants(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        for child in (task / "children").read_text().split():
+            found |= {int(child)} | descendants(int(child))
+    return found
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie holds nothing
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def start_session(tmp_path, mnist_dir, frameworks: str) -> tuple[subprocess.Popen, Path]:
+    """`pytest bench` in its own process group, as a terminal or a CI runner starts it; HangingTrainer marks its hang."""
+    marker = tmp_path / "hanging"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "bench", *QUICK, f"--frameworks={frameworks}", f"--framework-module={MINE}",
+         f"--framework-module={HANG}", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
+         f"--benchmark-json={tmp_path / 'out.json'}", "--benchmark-autosave",
+         f"--benchmark-storage=file://{tmp_path / 'history'}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(TESTS), "HANG_MARKER": str(marker)})
+    wait_for(marker.exists, 300, "the hanging trainer to start its epoch")
+    return process, marker
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to pytest alone", "Ctrl-C to the process group"])
+def test_an_interrupted_session_keeps_what_finished_as_partial_and_leaves_no_worker(how, tmp_path, mnist_dir):
+    process, _ = start_session(tmp_path, mnist_dir, "mine,hang")
+    workers = descendants(process.pid)
+    assert workers, "no worker process found"
+    if how.startswith("SIGTERM"):
+        process.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 2, out + err  # pytest's "interrupted"
+    wait_for(lambda: all(map(gone, workers)), 2 * SHUTDOWN_GRACE_S + 5, f"workers {workers} to end")
+    assert "Traceback" not in out + err, out + err
+    assert not (tmp_path / "out.json").exists(), "an interrupted session was saved as complete"
+    assert not list((tmp_path / "history").rglob("*.json")), "an interrupted session went into the history"
+    partial = json.loads((tmp_path / "out.partial.json").read_text())
+    assert partial["mnist_bench_interrupted"] is True
+    assert [b["extra_info"]["framework"] for b in partial["benchmarks"]] == ["mine"]
+    assert f"kept in {tmp_path / 'out.partial.json'}, marked incomplete" in out
+    gate = run_python("-m", "bench.gate", "--baseline", str(tmp_path / "out.partial.json"),
+                      str(tmp_path / "out.partial.json"), timeout=60)
+    assert gate.returncode == 2 and "an interrupted session's partial results" in gate.stderr
+
+
+def test_a_worker_whose_benchmark_process_died_ends_itself(tmp_path, mnist_dir):
+    process, _ = start_session(tmp_path, mnist_dir, "hang")
+    workers = descendants(process.pid)
+    process.kill()  # SIGKILL: no handler runs, nothing is cleaned up by the parent
+    process.communicate(timeout=60)
+    wait_for(lambda: all(map(gone, workers)), 10, f"orphaned workers {workers} to end")
+
+
+def test_sigterm_to_a_standalone_run_stops_its_worker_in_one_line(tmp_path, mnist_dir):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench", "run", "pytorch", "--preset", "smoke", "--mnist-dir", mnist_dir,
+         "--output", str(tmp_path / "run.json")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:  # the worker is built: it is warming up (busy) when the signal comes
+        if "warming up" in line:
+            break
+    workers = descendants(process.pid)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, out + err
+    assert err.strip() == "interrupted by SIGTERM: the worker is stopped, nothing is recorded", err
+    wait_for(lambda: all(map(gone, workers)), 2 * SHUTDOWN_GRACE_S + 5, f"workers {workers} to end")
+    assert not (tmp_path / "run.json").exists()
