@@ -24,6 +24,9 @@ import re
 import statistics
 import time
 
+import numpy as np
+from threadpoolctl import threadpool_info
+
 from bench.errors import BenchError
 from bench.record import MatmulRate
 
@@ -56,6 +59,12 @@ class YardstickError(BenchError):
 
 def measure_matmul_rate(device: str, precision: str, allow_tf32: bool = True, size: int | None = None) -> MatmulRate:
     """The dense matrix-multiply rate of `device` ("cpu" or "cuda", as resolved for the run) in `precision`."""
+    if precision not in contract.PRECISIONS:
+        raise YardstickError(f"matmul yardstick: precision must be one of {', '.join(contract.PRECISIONS)}, "
+                             f"got {precision!r}")
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise YardstickError(f"matmul yardstick: size must be a positive integer (None: sized for the device), "
+                             f"got {size!r}")
     if device == "cpu":
         return cpu_matmul_rate(precision, size)
     if device == "cuda":
@@ -85,14 +94,11 @@ def time_products(make_product, max_size: int, size: int | None) -> tuple[int, l
 
 def rates(n: int, seconds: list[float]) -> dict:
     flops = 2 * n**3
-    return dict(size=n, flops_per_second=flops / min(seconds), median_flops_per_second=flops / statistics.median(seconds),
-                products=len(seconds))
+    return dict(size=n, flops_per_second=flops / min(seconds),
+                median_flops_per_second=flops / statistics.median(seconds), products=len(seconds))
 
 
 def cpu_matmul_rate(precision: str, size: int | None) -> MatmulRate:
-    import numpy as np
-    from threadpoolctl import threadpool_info
-
     def make_product(n):
         rng = np.random.default_rng(0)
         a, b = rng.standard_normal((2, n, n), dtype=np.float32)
@@ -148,12 +154,13 @@ def cuda_matmul_rate(precision: str, allow_tf32: bool, size: int | None) -> Matm
     peak, source = nominal_peak(name, kind)
     return MatmulRate(
         device="cuda", hardware=name, precision=precision, dtype=described, **rates(n, seconds), threads=None,
-        method=f"torch {torch.__version__} matmul (CUDA {torch.version.cuda}), synchronized: fastest of {len(seconds)} products",
+        method=f"torch {torch.__version__} matmul (CUDA {torch.version.cuda}), synchronized: "
+               f"fastest of {len(seconds)} products",
         nominal_peak_flops=peak, nominal_peak_source=source)
 
 
 def nominal_peak(gpu_name: str, kind: str) -> tuple[float | None, str]:
-    """(dense datasheet peak in FLOP/s, its label) for a GPU name as CUDA reports it; (None, why) if it is not listed."""
+    """(dense datasheet peak in FLOP/s, its label) for a GPU name as CUDA reports it; (None, why) if not listed."""
     for pattern, model, peaks in NOMINAL_PEAKS:
         if re.search(rf"\b{pattern}\b", gpu_name):
             return peaks[kind], f"nominal: NVIDIA {model} datasheet, dense {kind}"

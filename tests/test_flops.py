@@ -16,7 +16,7 @@ from bench.yardstick import measure_matmul_rate
 from implementations import contract
 from tests.conftest import REPO
 
-# Forward and backward of a cross-entropy loss on 2 MNIST images (BatchNorm's training mode needs more than one value per
+# Forward and backward of a cross-entropy loss on 2 MNIST images (training-mode BatchNorm needs more than one value per
 # channel: layer4's maps are 1x1), once as training runs it and once with the images requiring a gradient. Then, for
 # each convolution, the multiply-adds that read the image rather than padding, counted by the convolution itself: an
 # all-ones kernel over an all-ones map of the layer's input size sums, at each output, the taps that land inside.
