@@ -27,6 +27,9 @@ def test_train(benchmark, framework, bench_session):
             record = run.record()
     except WorkerError as error:
         failure = str(error)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: pytest-benchmark marks only Exceptions, so drop the cut-short entry
+        benchmark.has_error = True
+        raise
     if failure:  # outside the except block: the message alone, no chained traceback
         pytest.fail(failure, pytrace=False)
     benchmark.extra_info.update(record.to_json())

@@ -29,6 +29,7 @@ from threadpoolctl import threadpool_info
 
 from bench.errors import BenchError
 from bench.record import MatmulRate
+from implementations import contract
 
 MIN_PRODUCT_S = 0.01
 BUDGET_S = 1.0

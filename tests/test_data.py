@@ -1,5 +1,6 @@
 """bench.data on the real MNIST files: loading, downloading over a local HTTP mirror, every bad input, the CLI."""
 import gzip
+import hashlib
 import os
 import shutil
 import socket
@@ -118,13 +119,24 @@ def test_mnist_dir_environment_variable_is_honoured(mnist, shared_mnist, monkeyp
     assert np.array_equal(load_mnist(download=False).test_labels, mnist.test_labels)
 
 
-def test_second_load_is_well_under_a_second(shared_mnist):
-    load_mnist(shared_mnist)
-    start = time.perf_counter()
-    load_mnist(shared_mnist)
-    seconds = time.perf_counter() - start
-    print(f"loading the four MNIST files (gzipped, digests verified) took {seconds:.3f} s")
-    assert seconds < 1.0
+def test_loading_costs_little_beyond_decompressing_and_hashing(shared_mnist):
+    """Parsing and checking stay vectorized: a load costs at most twice the work it cannot avoid (gunzip and SHA-256 of
+    the four files), measured side by side in this process, so the bound holds on a slow or busy machine too."""
+    def unavoidable():
+        for name in FILES:
+            hashlib.sha256(gzip.decompress((shared_mnist / f"{name}.gz").read_bytes())).digest()
+
+    def fastest(work) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    floor, load = fastest(unavoidable), fastest(lambda: load_mnist(shared_mnist))
+    print(f"load_mnist {load:.3f} s, gunzip + SHA-256 of the same files {floor:.3f} s")
+    assert load <= 2 * floor
 
 
 # --- Downloads over HTTP ------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from implementations import FRAMEWORKS, contract
 # The default run's configuration (its schedule warms up over 234 steps: the first steps train gently, so fp32 rounding
 # differences stay small for many steps), strict fp32 on GPUs too: TF32 alone would move logits by ~1e-3.
 CONFIG = contract.RunConfig(allow_tf32=False)
-# The data-order check trains whole epochs: on the smoke preset's 4,096 images.
-SMOKE = contract.PRESETS["smoke"].with_options(allow_tf32=False)
+# The data-order check trains whole epochs: two of three batches each show the order as well as longer ones.
+ORDER = contract.RunConfig(epochs=2, train_subset=384, allow_tf32=False)
 REFERENCE = FRAMEWORKS["pytorch"]
 BATCH = CONFIG.batch_size
 
@@ -49,24 +49,38 @@ def data(mnist_dir):
 
 
 @pytest.fixture(scope="module")
-def smoke_data(mnist_dir):
-    return contract.prepare_data(*load_mnist(mnist_dir), SMOKE)
+def order_data(mnist_dir):
+    return contract.prepare_data(*load_mnist(mnist_dir), ORDER)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def initial():
     return contract.initial_weights(CONFIG.seed)
 
 
 @pytest.fixture
-def pair(framework, workers, initial):
-    """(reference worker, framework worker), both freshly reset to the canonical initial weights."""
-    reference = workers.get(REFERENCE, CONFIG)
-    # The reference itself is checked against a second, independent PyTorch worker: its runs are reproducible.
-    other = workers.get(framework, CONFIG, replica=int(framework == REFERENCE))
-    for worker in (reference, other):
-        worker.call("import_weights", initial)
-    return reference, other
+def other(framework, workers, initial):
+    """The framework's worker, freshly reset to the canonical initial weights. The reference is checked against a
+    second, independent PyTorch worker: its runs are reproducible."""
+    worker = workers.get(framework, CONFIG, replica=int(framework == REFERENCE))
+    worker.call("import_weights", initial)
+    return worker
+
+
+@pytest.fixture(scope="session")
+def expected(workers, initial):
+    """expected(key, run): what run(reference worker) gives from the canonical initial weights, computed once per
+    session and shared by every framework's check."""
+    results = {}
+
+    def result(key, run):
+        if key not in results:
+            reference = workers.get(REFERENCE, CONFIG)
+            reference.call("import_weights", initial)
+            results[key] = run(reference)
+        return results[key]
+
+    return result
 
 
 def first_batches(data, steps):
@@ -90,13 +104,13 @@ def test_structure(framework, workers, initial):
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_forward(framework, pair, data, train):
+def test_forward(framework, other, expected, data, train):
     """Same logits from the same weights and real MNIST test images (train mode: batch statistics)."""
-    reference, other = pair
     images = data.test_images[:BATCH]
-    expected, actual = reference.call("logits", images, train), other.call("logits", images, train)
-    assert actual.shape == expected.shape == (BATCH, contract.NUM_CLASSES)
-    gap, bound = np.abs(actual - expected), TRAIN_LOGITS_ATOL if train else EVAL_LOGITS_ATOL
+    reference = expected(("logits", train), lambda worker: worker.call("logits", images, train))
+    actual = other.call("logits", images, train)
+    assert actual.shape == reference.shape == (BATCH, contract.NUM_CLASSES)
+    gap, bound = np.abs(actual - reference), TRAIN_LOGITS_ATOL if train else EVAL_LOGITS_ATOL
     assert gap.max() <= bound, (f"{framework.name}: {'train' if train else 'eval'}-mode logits differ from "
                                 f"PyTorch by up to {gap.max():.3g} (bound {bound}) at image {gap.max(1).argmax()}")
 
@@ -123,19 +137,23 @@ def describe_first_divergence(framework, before, expected, actual, steps: int) -
 
 
 @pytest.mark.parametrize("steps", [1, 2], ids=["one_step", "two_steps"])
-def test_first_steps(framework, pair, data, initial, steps):
+def train_steps(worker, batches) -> tuple[list[float], contract.Weights]:
+    """The losses of SGD steps on `batches`, and the weights after them."""
+    return [worker.call("train_step", images, labels) for images, labels in batches], worker.call("export_weights")
+
+
+def test_first_steps(framework, other, expected, data, initial, steps):
     """SGD steps at the schedule's first rates: same losses, same new weights and running statistics.
 
     The second step is where momentum formulations part: the buffer is no longer zero and the rate has doubled.
     """
-    reference, other = pair
-    losses = [(reference.call("train_step", images, labels), other.call("train_step", images, labels))
-              for images, labels in first_batches(data, steps)]
-    expected_loss, loss = losses[0]  # later losses already depend on the first step's rounding
+    batches = first_batches(data, steps)
+    expected_losses, expected_weights = expected(("steps", steps), lambda worker: train_steps(worker, batches))
+    losses, weights = train_steps(other, batches)
+    expected_loss, loss = expected_losses[0], losses[0]  # later losses already depend on the first step's rounding
     assert abs(loss - expected_loss) <= LOSS_RTOL * abs(expected_loss), (
         f"{framework.name}: first-step loss {loss:.8f} vs PyTorch {expected_loss:.8f}")
-    problems = describe_first_divergence(framework, initial, reference.call("export_weights"), other.call("export_weights"),
-                                         steps)
+    problems = describe_first_divergence(framework, initial, expected_weights, weights, steps)
     assert not problems, (f"{len(problems)} tensor(s) diverged after {steps} step(s), first in model order:\n"
                           + "\n".join(problems[:8]))
 
@@ -153,37 +171,35 @@ def test_schedule(framework, workers):
                              f"{wrong[0]}: {rates[wrong[0]]!r} vs the shared schedule's {expected[wrong[0]]!r}")
 
 
-def test_short_run(framework, pair, data):
+def test_short_run(framework, other, expected, data):
     """The default run's first 50 steps from the same start on the same batches: the loss curves agree.
 
     Step by step, fp32 training from this start is chaotic: PyTorch in fp32 against itself in float64 already differs
     by 1.5% at step 5 and 7% at step 10, and single steps of two frameworks differ by up to 2x after loss spikes. The
     curves are compared as means over windows of 10 steps: this catches a run that learns differently, not rounding.
     """
-    reference, other = pair
-    expected, actual = [], []
-    for images, labels in first_batches(data, SHORT_RUN_STEPS):
-        expected.append(reference.call("train_step", images, labels))
-        actual.append(other.call("train_step", images, labels))
+    batches = first_batches(data, SHORT_RUN_STEPS)
+    reference, _ = expected(("steps", SHORT_RUN_STEPS), lambda worker: train_steps(worker, batches))
+    actual, _ = train_steps(other, batches)
     windows = lambda losses: np.reshape(losses, (-1, SHORT_RUN_WINDOW)).mean(axis=1)
-    gaps = np.abs(windows(actual) - windows(expected)) / windows(expected)
+    gaps = np.abs(windows(actual) - windows(reference)) / windows(reference)
     print(f"{framework.name}: relative gaps of 10-step mean losses {np.round(gaps, 4)}, largest per-step gap "
-          f"{np.max(np.abs(np.subtract(actual, expected)) / expected):.3g}")
+          f"{np.max(np.abs(np.subtract(actual, reference)) / reference):.3g}")
     worst = int(np.argmax(gaps))
     assert gaps[worst] <= SHORT_RUN_RTOL, (
         f"{framework.name}: mean loss of steps {worst * SHORT_RUN_WINDOW}-{(worst + 1) * SHORT_RUN_WINDOW - 1} is "
-        f"{windows(actual)[worst]:.5f}, PyTorch's {windows(expected)[worst]:.5f} (relative gap {gaps[worst]:.3g}, "
+        f"{windows(actual)[worst]:.5f}, PyTorch's {windows(reference)[worst]:.5f} (relative gap {gaps[worst]:.3g}, "
         f"bound {SHORT_RUN_RTOL})")
 
 
-def test_data_order(framework, workers, smoke_data, initial):
+def test_data_order(framework, workers, order_data, initial):
     """An epoch consumes exactly the batches that the shared permutation names, in its order."""
-    worker = workers.get(framework, SMOKE)
+    worker = workers.get(framework, ORDER)
     worker.call("import_weights", initial)
-    for epoch in range(SMOKE.epochs):
+    for epoch in range(ORDER.epochs):
         result = worker.call("train_epoch", epoch)
-        indices = contract.epoch_batches(SMOKE.seed, epoch, len(smoke_data.train_labels), BATCH)
+        indices = contract.epoch_batches(ORDER.seed, epoch, len(order_data.train_labels), BATCH)
         assert result.images == indices.size, f"{framework.name}: epoch {epoch} trained on {result.images} images, not {indices.size}"
-        expected = contract.label_digest(smoke_data.train_labels[indices.ravel()])
+        expected = contract.label_digest(order_data.train_labels[indices.ravel()])
         assert result.label_digest == expected, (f"{framework.name}: epoch {epoch} consumed labels with digest "
                                                  f"{result.label_digest}, the shared permutation gives {expected}")
