@@ -179,6 +179,7 @@ def list_of(check, what: str):
 
 
 FIELD_RULES = {  # field -> (check, what a valid value is)
+    "framework": (lambda value: isinstance(value, str) and bool(value), "a name"),
     "framework_version": (text, "a string"),
     "device": (text, "a string"),
     "config": (lambda value: isinstance(value, dict), "an object (the run configuration)"),

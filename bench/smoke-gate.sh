@@ -7,7 +7,8 @@ set -eu
 
 smoke_json="${SMOKE_JSON:-results/tmp/smoke-$(date +%Y%m%dT%H%M%S).json}"
 python -m pytest bench --preset smoke --benchmark-json="$smoke_json" "$@"
-# Epoch times on shared 2-core CI machines swing by ~60% with load: the gate allows +100% there; on another device
-# (a GPU box, another CPU model) it checks accuracy only. Peak RSS moved by 13% between identical CPU runs: +50%.
-exec python -m bench.report gate --baseline "${BASELINE:-results/baseline-smoke-cpu.json}" "$smoke_json" \
-    --max-time-increase 1.0 --max-memory-increase 0.5 --allow-device-change
+# Epoch times are compared relative to the matmul each session times (bench/gate.py): +35% fails, so a framework
+# 1.5x slower does and a uniformly slower runner does not. On another device (a GPU box, another CPU model) the gate
+# checks accuracy only. Peak RSS moved by 13% between identical CPU runs: +50%.
+exec python -m bench.gate --baseline "${BASELINE:-results/baseline-smoke-cpu.json}" "$smoke_json" \
+    --max-memory-increase 0.5 --allow-device-change
