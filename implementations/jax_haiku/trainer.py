@@ -27,7 +27,7 @@ from implementations import contract
 
 
 # --- Model -----------------------------------------------------------------------------------------------------------
-class BatchNorm(hk.Module):
+class BatchNorm2d(hk.Module):
     """PyTorch's BatchNorm2d, channels last.
 
     Not hk.BatchNorm: that keeps the biased batch variance, in moving averages that are zero-debiased by default, while
@@ -70,16 +70,16 @@ class BasicBlock(hk.Module):
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.channels:
             shortcut = conv(self.channels, 1, self.stride, 0, name="downsample_0")(x)
-            shortcut = BatchNorm(name="downsample_1")(shortcut, is_training)
+            shortcut = BatchNorm2d(name="downsample_1")(shortcut, is_training)
         out = conv(self.channels, 3, self.stride, 1, name="conv1")(x)
-        out = jax.nn.relu(BatchNorm(name="bn1")(out, is_training))
-        out = BatchNorm(name="bn2")(conv(self.channels, 3, 1, 1, name="conv2")(out), is_training)
+        out = jax.nn.relu(BatchNorm2d(name="bn1")(out, is_training))
+        out = BatchNorm2d(name="bn2")(conv(self.channels, 3, 1, 1, name="conv2")(out), is_training)
         return jax.nn.relu(out + shortcut)
 
 
 def resnet18(images, is_training: bool):  # [B, 28, 28, 1] -> [B, 10]
     widths = contract.STAGE_WIDTHS
-    x = jax.nn.relu(BatchNorm(name="bn1")(conv(widths[0], 7, 2, 3, name="conv1")(images), is_training))
+    x = jax.nn.relu(BatchNorm2d(name="bn1")(conv(widths[0], 7, 2, 3, name="conv1")(images), is_training))
     x = max_pool(x)
     for stage, (width, blocks) in enumerate(zip(widths, contract.BLOCKS_PER_STAGE), start=1):
         for block in range(blocks):
