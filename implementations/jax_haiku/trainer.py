@@ -2,7 +2,8 @@
 
 The network is a plain function made into init/apply by `hk.transform_with_state` (BatchNorm statistics are Haiku
 state); parameters, state and optimizer state travel explicitly in a TrainState, and every step is state in, state out.
-Sections, in the same order in every framework: model, state, train step, epoch, evaluation, canonical weights.
+The trainer holds the current TrainState and runs the pure steps, jitted, on it.
+A page of the Rosetta stone: the sections of contract.PAGE_SECTIONS, in order, and the names every page uses.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from implementations import contract
 
 
 # --- Model -----------------------------------------------------------------------------------------------------------
-class BatchNorm(hk.Module):
+class BatchNorm2d(hk.Module):
     """PyTorch's BatchNorm2d, channels last.
 
     Not hk.BatchNorm: that keeps the biased batch variance, in moving averages that are zero-debiased by default, while
@@ -69,16 +70,16 @@ class BasicBlock(hk.Module):
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.channels:
             shortcut = conv(self.channels, 1, self.stride, 0, name="downsample_0")(x)
-            shortcut = BatchNorm(name="downsample_1")(shortcut, is_training)
+            shortcut = BatchNorm2d(name="downsample_1")(shortcut, is_training)
         out = conv(self.channels, 3, self.stride, 1, name="conv1")(x)
-        out = jax.nn.relu(BatchNorm(name="bn1")(out, is_training))
-        out = BatchNorm(name="bn2")(conv(self.channels, 3, 1, 1, name="conv2")(out), is_training)
+        out = jax.nn.relu(BatchNorm2d(name="bn1")(out, is_training))
+        out = BatchNorm2d(name="bn2")(conv(self.channels, 3, 1, 1, name="conv2")(out), is_training)
         return jax.nn.relu(out + shortcut)
 
 
 def resnet18(images, is_training: bool):  # [B, 28, 28, 1] -> [B, 10]
     widths = contract.STAGE_WIDTHS
-    x = jax.nn.relu(BatchNorm(name="bn1")(conv(widths[0], 7, 2, 3, name="conv1")(images), is_training))
+    x = jax.nn.relu(BatchNorm2d(name="bn1")(conv(widths[0], 7, 2, 3, name="conv1")(images), is_training))
     x = max_pool(x)
     for stage, (width, blocks) in enumerate(zip(widths, contract.BLOCKS_PER_STAGE), start=1):
         for block in range(blocks):
@@ -97,15 +98,6 @@ def forward(params, state, images, is_training: bool, dtype):
     return logits.astype(jnp.float32), state
 
 
-def select_device(requested: str) -> jax.Device:
-    if requested == "cpu":
-        return jax.devices("cpu")[0]
-    if requested == "cuda" and jax.default_backend() != "gpu":
-        raise contract.ConfigError("--device cuda: JAX sees no CUDA GPU (install jax[cuda12] or jax[cuda13]); "
-                                   "use --device cpu")
-    return jax.devices()[0]  # JAX's default backend: the GPU when there is one
-
-
 # --- State -----------------------------------------------------------------------------------------------------------
 class TrainState(NamedTuple):
     params: hk.Params  # conv1/w [7, 7, 1, 64] HWIO, ..., fc/w [512, 10], fc/b [10]; BatchNorm scale, offset [C]
@@ -113,38 +105,28 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState  # momentum buffers shaped like params; the step count that indexes the schedule
 
 
+def select_device(config: contract.RunConfig) -> jax.Device:
+    if config.device == "cpu":
+        device = jax.devices("cpu")[0]
+    elif config.device == "cuda" and jax.default_backend() != "gpu":
+        raise contract.ConfigError("--device cuda: JAX sees no CUDA GPU (install jax[cuda12] or jax[cuda13]); "
+                                   "use --device cpu")
+    else:
+        device = jax.devices()[0]  # JAX's default backend: the GPU when there is one
+    # fp32 matmuls and convolutions on GPU: TF32 tensor cores or strict fp32 (no effect on CPU).
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if config.allow_tf32 else "float32")
+    return device
+
+
 def make_optimizer(learning_rate: optax.Schedule) -> optax.GradientTransformation:
     # optax's trace is PyTorch's momentum: buf = 0.9 * buf + grad; params -= lr * buf.
     return optax.sgd(learning_rate=learning_rate, momentum=contract.SGD_MOMENTUM)
 
 
-# --- Train step ------------------------------------------------------------------------------------------------------
-def loss_fn(params, state, images, labels, dtype):
-    logits, state = forward(params, state, images, True, dtype)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), state
-
-
-def train_step(optimizer, dtype, train_state: TrainState, images, labels) -> tuple[TrainState, jax.Array]:
-    (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        train_state.params, train_state.state, images, labels, dtype)
-    updates, opt_state = optimizer.update(grads, train_state.opt_state)
-    return TrainState(optax.apply_updates(train_state.params, updates), state, opt_state), loss
-
-
-# --- Evaluation ------------------------------------------------------------------------------------------------------
-def eval_step(dtype, params, state, images, labels):
-    logits, _ = forward(params, state, images, False, dtype)
-    loss_sum = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
-    return loss_sum, (logits.argmax(-1) == labels).sum()
-
-
-# --- Trainer: the contract's methods, over the pure functions above --------------------------------------------------
 class HaikuTrainer(contract.Trainer):
 
     def build(self, weights):
-        self.device = select_device(self.config.device)
-        # fp32 matmuls and convolutions on GPU: TF32 tensor cores or strict fp32 (no effect on CPU).
-        jax.config.update("jax_default_matmul_precision", "tensorfloat32" if self.config.allow_tf32 else "float32")
+        self.device = select_device(self.config)
         dtype = jnp.bfloat16 if self.config.precision == "bf16" else jnp.float32
         table = jnp.asarray(self.schedule)
         self.learning_rate = lambda count: table[count]  # optax's schedule: called with its step count, from 0
@@ -155,9 +137,9 @@ class HaikuTrainer(contract.Trainer):
         cpu_options = {"xla_disable_hlo_passes": "algsimp"} if self.device.platform == "cpu" else None
         jit = partial(jax.jit, compiler_options=cpu_options)
         # The state is donated: XLA updates parameters and momentum in place instead of allocating new buffers.
-        self.train_step_fn = jit(partial(train_step, self.optimizer, dtype), donate_argnums=0)
-        self.eval_step_fn = jit(partial(eval_step, dtype))
-        self.forward_fn = jit(partial(forward, dtype=dtype), static_argnums=3)
+        self.jitted_update = jit(partial(self.update, self.optimizer, dtype), donate_argnums=0)
+        self.jitted_eval_batch = jit(partial(self.eval_batch, dtype))
+        self.jitted_forward = jit(partial(forward, dtype=dtype), static_argnums=3)
         # The whole dataset lives on the device, NHWC (transposed once here); an epoch only indexes it.
         to_device = lambda array: jax.device_put(array, self.device)
         self.train_images = to_device(contract.nhwc(self.data.train_images))
@@ -171,32 +153,51 @@ class HaikuTrainer(contract.Trainer):
         return {"framework_version": f"jax {jax.__version__}, haiku {hk.__version__}, "
                 f"optax {optax.__version__}", "device": name}
 
-    def warm_up(self):
-        """The contract's warm-up (the step, one evaluation), and the epoch's gather of a batch from the device data."""
-        super().warm_up()
-        indices = jax.device_put(contract.epoch_batches(self.config.seed, 0, len(self.data.train_labels),
-                                                        self.config.batch_size)[0], self.device)
-        jax.block_until_ready((self.train_images[indices], self.train_labels[indices]))
+    def memory_peak_bytes(self):
+        stats = self.device.memory_stats()  # None on CPU
+        return stats.get("peak_bytes_in_use") if stats else None
 
     # --- Train step --------------------------------------------------------------------------------------------------
+    @staticmethod
+    def update(optimizer, dtype, train_state: TrainState, images, labels) -> tuple[TrainState, jax.Array]:
+        """One SGD step as a pure function, jitted in build(): TrainState in, TrainState and loss out."""
+        def loss_fn(params):
+            logits, state = forward(params, train_state.state, images, True, dtype)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), state
+
+        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_state.params)
+        updates, opt_state = optimizer.update(grads, train_state.opt_state)
+        return TrainState(optax.apply_updates(train_state.params, updates), state, opt_state), loss
+
+    def device_train_step(self, images: jax.Array, labels: jax.Array) -> jax.Array:
+        self.train_state, loss = self.jitted_update(self.train_state, images, labels)
+        return loss  # stays on the device: dispatch runs ahead of the computation, no sync per step
+
     def train_step(self, images, labels):
         # On the device first: the very program (and argument placement) that the epoch's steps run.
         images, labels = jax.device_put((contract.nhwc(images), labels), self.device)
-        self.train_state, loss = self.train_step_fn(self.train_state, images, labels)
-        return float(loss)
+        return float(self.device_train_step(images, labels))
+
+    def learning_rates(self, steps):
+        return np.asarray(self.learning_rate(jnp.asarray(steps)))
 
     # --- Epoch -------------------------------------------------------------------------------------------------------
+    def warm_up(self):
+        """The contract's warm-up (the step, one evaluation), and the epoch's gather of a batch from the device data."""
+        super().warm_up()
+        indices = jax.device_put(self.epoch_batches(0)[0], self.device)
+        jax.block_until_ready((self.train_images[indices], self.train_labels[indices]))
+
     def train_epoch(self, epoch):
         # A Python loop of jitted steps. As one lax.scan it was 19x slower per step here: XLA:CPU left the backward
         # convolutions inside the loop body in layouts that only its naive emitter runs.
         start = time.perf_counter()
-        batches = contract.epoch_batches(self.config.seed, epoch, len(self.data.train_labels), self.config.batch_size)
+        batches = self.epoch_batches(epoch)
         losses, consumed = [], []
         for indices in batches:
             indices = jax.device_put(indices, self.device)
-            images, labels = self.train_images[indices], self.train_labels[indices]  # gathered on the device
-            self.train_state, loss = self.train_step_fn(self.train_state, images, labels)
-            losses.append(loss)  # stays on the device: dispatch runs ahead of the computation, no sync per step
+            labels = self.train_labels[indices]  # gathered on the device
+            losses.append(self.device_train_step(self.train_images[indices], labels))
             consumed.append(labels)
         losses, consumed = jax.device_get((losses, consumed))  # waits for every step's loss
         jax.block_until_ready(self.train_state)  # and for the last step's update, before the clock
@@ -205,27 +206,29 @@ class HaikuTrainer(contract.Trainer):
                                     contract.label_digest(np.concatenate(consumed)))
 
     # --- Evaluation --------------------------------------------------------------------------------------------------
+    @staticmethod
+    def eval_batch(dtype, params, state, images, labels) -> tuple[jax.Array, jax.Array]:
+        """Eval mode's summed loss and correct count of one batch, as a pure function jitted in build()."""
+        logits, _ = forward(params, state, images, False, dtype)
+        loss_sum = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+        return loss_sum, (logits.argmax(-1) == labels).sum()
+
+    def device_eval_step(self, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.jitted_eval_batch(self.train_state.params, self.train_state.state, images, labels)
+
     def evaluate(self):
         loss_sum = correct = 0
         for start in range(0, len(self.data.test_labels), contract.EVAL_BATCH_SIZE):
             batch = slice(start, start + contract.EVAL_BATCH_SIZE)
-            batch_loss, batch_correct = self.eval_step_fn(self.train_state.params, self.train_state.state,
-                                                          self.test_images[batch], self.test_labels[batch])
+            batch_loss, batch_correct = self.device_eval_step(self.test_images[batch], self.test_labels[batch])
             loss_sum, correct = loss_sum + batch_loss, correct + batch_correct  # device scalars: no sync per batch
         n = len(self.data.test_labels)
-        return contract.Evaluation(float(loss_sum) / n, int(correct) / n)
+        return contract.Evaluation(float(loss_sum) / n, int(correct) / n)  # the one host read
 
     def logits(self, images, train):
         # train=True: batch statistics; the updated running statistics are dropped, the state stays as it was.
-        logits, _ = self.forward_fn(self.train_state.params, self.train_state.state, contract.nhwc(images), train)
+        logits, _ = self.jitted_forward(self.train_state.params, self.train_state.state, contract.nhwc(images), train)
         return np.asarray(logits)
-
-    def learning_rates(self, steps):
-        return np.asarray(self.learning_rate(jnp.asarray(steps)))
-
-    def memory_peak_bytes(self):
-        stats = self.device.memory_stats()  # None on CPU
-        return stats.get("peak_bytes_in_use") if stats else None
 
     # --- Canonical weights -------------------------------------------------------------------------------------------
     def import_weights(self, weights):

@@ -2,7 +2,7 @@
 
 Lightning owns the loop: a LightningModule holds the training step, the per-step schedule and the test step, and the
 Trainer runs them over DataLoaders of device-resident batches, one `fit` per epoch, and evaluates with `Trainer.test`.
-Sections, in the same order in every framework: model, state, train step, epoch, evaluation, canonical weights.
+A page of the Rosetta stone: the sections of contract.PAGE_SECTIONS, in order, and the names every page uses.
 """
 
 from __future__ import annotations
@@ -109,6 +109,13 @@ class LightningTrainer(contract.Trainer):
         self.train_images, self.train_labels, self.test_images, self.test_labels = device_data(self.data, self.device)
         self.import_weights(weights)
 
+    def environment(self):
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
+        return {"framework_version": pl.__version__, "device": name}
+
+    def memory_peak_bytes(self):
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
     def new_trainer(self) -> pl.Trainer:
         # Lightning's strategy selects the GPU by its index; torch.device("cuda") stands for the current one.
         device = torch.device("cuda", torch.cuda.current_device()) if self.device.type == "cuda" else self.device
@@ -118,12 +125,9 @@ class LightningTrainer(contract.Trainer):
                           benchmark=self.device.type == "cuda", num_sanity_val_steps=0, enable_checkpointing=False,
                           logger=False, enable_progress_bar=False, enable_model_summary=False)
 
-    def environment(self):
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
-        return {"framework_version": pl.__version__, "device": name}
-
     # --- Train step --------------------------------------------------------------------------------------------------
-    def fit_one_epoch(self, loader) -> None:
+    # Lightning's own step is ResNet18Module.training_step, which pl.Trainer runs inside fit().
+    def fit_one_more_epoch(self, loader) -> None:
         """One more Lightning epoch over `loader`, continuing the run: same optimizer, scheduler and step counters."""
         # The harness times each epoch apart, evaluating in between, so Lightning cannot be handed the whole run at
         # once: the page raises max_epochs by one and calls fit() again, and the Trainer resumes where it stopped.
@@ -131,27 +135,34 @@ class LightningTrainer(contract.Trainer):
         self.trainer.fit_loop.max_epochs = self.trainer.current_epoch + 1
         self.trainer.fit(self.module, train_dataloaders=loader)
 
-    def train_step(self, images, labels):
+    def device_train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # A one-batch fit: the step runs the very path that train_epoch runs (Lightning's optimization loop, precision
         # plugin and scheduler stepping), so the parity tests check what the benchmark times.
+        self.fit_one_more_epoch(DataLoader([(images, labels)], batch_size=None))
+        return self.module.losses[0]
+
+    def train_step(self, images, labels):
         images = torch.from_numpy(images).to(self.device).contiguous(memory_format=torch.channels_last)
-        batch = (images, torch.from_numpy(labels).to(self.device).long())
-        self.fit_one_epoch(DataLoader([batch], batch_size=None))
-        return self.module.losses[0].item()
+        return self.device_train_step(images, torch.from_numpy(labels).to(self.device).long()).item()
+
+    def learning_rates(self, steps):
+        scheduler = self.module.scheduler  # LambdaLR's rule (its get_lr) at each step, read without stepping it
+        rate = lambda step: scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step)
+        return np.array([rate(int(step)) for step in steps], dtype=np.float32)
 
     # --- Epoch -------------------------------------------------------------------------------------------------------
     def train_epoch(self, epoch):
         # The harness's epoch picks the batches; Lightning's current_epoch also counts train_step's one-batch fits.
         start = time.perf_counter()
-        batches = torch.from_numpy(contract.epoch_batches(self.config.seed, epoch, len(self.train_labels),
-                                                          self.config.batch_size)).to(self.device)
-        self.fit_one_epoch(device_batches(self.train_images, self.train_labels, batches))
+        batches = torch.from_numpy(self.epoch_batches(epoch)).to(self.device)
+        self.fit_one_more_epoch(device_batches(self.train_images, self.train_labels, batches))
         mean_loss = torch.stack(self.module.losses).mean().item()  # .item() waits for the device: the time is real
         seconds = time.perf_counter() - start
         digest = contract.label_digest(torch.cat(self.module.fed_labels).cpu().numpy())
         return contract.EpochResult(mean_loss, batches.numel(), seconds, digest)
 
     # --- Evaluation --------------------------------------------------------------------------------------------------
+    # Lightning's own evaluation step is ResNet18Module.test_step, which pl.Trainer runs inside test().
     def evaluate(self):
         n = len(self.test_labels)
         batches = torch.arange(n, device=self.device).view(-1, contract.EVAL_BATCH_SIZE)
@@ -165,14 +176,6 @@ class LightningTrainer(contract.Trainer):
         images = torch.from_numpy(images).to(self.device).contiguous(memory_format=torch.channels_last)
         with self.trainer.precision_plugin.forward_context():  # the autocast that Lightning wraps around each step
             return self.module(images).float().cpu().numpy()
-
-    def learning_rates(self, steps):
-        scheduler = self.module.scheduler  # LambdaLR's rule (its get_lr) at each step, read without stepping it
-        rate = lambda step: scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step)
-        return np.array([rate(int(step)) for step in steps], dtype=np.float32)
-
-    def memory_peak_bytes(self):
-        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
 
     # --- Canonical weights -------------------------------------------------------------------------------------------
     # The PyTorch page's conversion, applied to the same nn.Module inside the LightningModule.

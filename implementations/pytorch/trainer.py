@@ -1,6 +1,6 @@
 """ResNet18 on MNIST in PyTorch: the reference implementation that every other framework is checked against.
 
-Sections, in the same order in every framework: model, state, train step, epoch, evaluation, canonical weights.
+A page of the Rosetta stone: the sections of contract.PAGE_SECTIONS, in order, and the names every page uses.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+# --- State -----------------------------------------------------------------------------------------------------------
 def select_device(config: contract.RunConfig) -> torch.device:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise contract.ConfigError("--device cuda: PyTorch sees no CUDA GPU (is this a CPU-only torch build?); use --device cpu")
@@ -76,7 +77,11 @@ def device_data(data: contract.Data, device: torch.device) -> tuple[torch.Tensor
     return images(data.train_images), labels(data.train_labels), images(data.test_images), labels(data.test_labels)
 
 
-# --- State -----------------------------------------------------------------------------------------------------------
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.SGD:
+    # PyTorch's momentum formulation is the contract's; the schedule sets the rate (before each step, or via LambdaLR).
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=contract.SGD_MOMENTUM)
+
+
 class TorchTrainer(contract.Trainer):
 
     def build(self, weights):
@@ -92,6 +97,9 @@ class TorchTrainer(contract.Trainer):
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
         return {"framework_version": torch.__version__, "device": name}
 
+    def memory_peak_bytes(self):
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
     def autocast(self):
         if self.config.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -103,7 +111,7 @@ class TorchTrainer(contract.Trainer):
             group["lr"] = float(self.schedule[step])
         return self.optimizer.param_groups[0]["lr"]
 
-    def step_on(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def device_train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.set_learning_rate(self.step)
         with self.autocast():
             loss = F.cross_entropy(self.network(images), labels)
@@ -116,18 +124,20 @@ class TorchTrainer(contract.Trainer):
     def train_step(self, images, labels):
         self.model.train()
         images = torch.from_numpy(images).to(self.device).contiguous(memory_format=torch.channels_last)
-        return self.step_on(images, torch.from_numpy(labels).to(self.device).long()).item()
+        return self.device_train_step(images, torch.from_numpy(labels).to(self.device).long()).item()
+
+    def learning_rates(self, steps):
+        return np.array([self.set_learning_rate(int(step)) for step in steps], dtype=np.float32)
 
     # --- Epoch -------------------------------------------------------------------------------------------------------
     def train_epoch(self, epoch):
         start = time.perf_counter()
         self.model.train()
-        batches = torch.from_numpy(contract.epoch_batches(self.config.seed, epoch, len(self.train_labels),
-                                                          self.config.batch_size)).to(self.device)
+        batches = torch.from_numpy(self.epoch_batches(epoch)).to(self.device)
         losses, consumed = [], []
         for indices in batches:
             labels = self.train_labels[indices]
-            losses.append(self.step_on(self.train_images[indices], labels))
+            losses.append(self.device_train_step(self.train_images[indices], labels))
             consumed.append(labels)
         mean_loss = torch.stack(losses).mean().item()  # .item() waits for the device: the epoch's time is real
         seconds = time.perf_counter() - start
@@ -135,19 +145,21 @@ class TorchTrainer(contract.Trainer):
         return contract.EpochResult(mean_loss, batches.numel(), seconds, digest)
 
     # --- Evaluation --------------------------------------------------------------------------------------------------
+    def device_eval_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.autocast():
+            logits = self.network(images).float()
+        return F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(1) == labels).sum()
+
     @torch.inference_mode()
     def evaluate(self):
         self.model.eval()
         loss_sum = correct = 0
         for start in range(0, len(self.test_labels), contract.EVAL_BATCH_SIZE):
-            images = self.test_images[start:start + contract.EVAL_BATCH_SIZE]
-            labels = self.test_labels[start:start + contract.EVAL_BATCH_SIZE]
-            with self.autocast():
-                logits = self.network(images).float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-            correct += (logits.argmax(1) == labels).sum()
+            batch = slice(start, start + contract.EVAL_BATCH_SIZE)
+            batch_loss, batch_correct = self.device_eval_step(self.test_images[batch], self.test_labels[batch])
+            loss_sum, correct = loss_sum + batch_loss, correct + batch_correct  # device scalars: no sync per batch
         n = len(self.test_labels)
-        return contract.Evaluation(loss_sum.item() / n, correct.item() / n)
+        return contract.Evaluation(loss_sum.item() / n, correct.item() / n)  # the one host read
 
     @torch.no_grad()
     def logits(self, images, train):
@@ -155,12 +167,6 @@ class TorchTrainer(contract.Trainer):
         images = torch.from_numpy(images).to(self.device).contiguous(memory_format=torch.channels_last)
         with self.autocast():
             return self.network(images).float().cpu().numpy()
-
-    def learning_rates(self, steps):
-        return np.array([self.set_learning_rate(int(step)) for step in steps], dtype=np.float32)
-
-    def memory_peak_bytes(self):
-        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
 
     # --- Canonical weights -------------------------------------------------------------------------------------------
     # The canonical format is PyTorch's own state_dict, less BatchNorm's num_batches_tracked (unused with a momentum).
@@ -183,8 +189,3 @@ def import_canonical(model: nn.Module, weights: contract.Weights) -> None:
 def export_canonical(model: nn.Module) -> contract.Weights:
     state = model.state_dict()
     return {name: state[name].detach().float().cpu().contiguous().numpy().copy() for name in contract.canonical_shapes()}
-
-
-def make_optimizer(model: nn.Module, lr: float) -> torch.optim.SGD:
-    # PyTorch's momentum formulation is the contract's; the schedule sets the rate (before each step, or via LambdaLR).
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=contract.SGD_MOMENTUM)

@@ -2,7 +2,7 @@
 
 The PyTorch page's model, written with Keras layers in NHWC (TensorFlow's layout); where a Keras default differs from
 PyTorch's (padding, BatchNorm momentum, epsilon and running variance, SGD's momentum formulation) the page says so.
-Sections, in the same order in every framework: model, state, train step, epoch, evaluation, canonical weights.
+A page of the Rosetta stone: the sections of contract.PAGE_SECTIONS, in order, and the names every page uses.
 """
 
 from __future__ import annotations
@@ -118,13 +118,15 @@ class ResNet18(keras.Model):
         return ops.cast(self.fc(ops.mean(x, axis=(1, 2))), "float32")  # float32 logits under mixed bf16 too
 
 
-def select_device(requested: str) -> str:
+# --- State -----------------------------------------------------------------------------------------------------------
+def select_device(config: contract.RunConfig) -> str:
     """Configure TensorFlow's devices (before its first op, which fixes them) and name the one to use."""
     gpus = tf.config.list_physical_devices("GPU")
-    if requested == "cuda" and not gpus:
+    if config.device == "cuda" and not gpus:
         raise contract.ConfigError("--device cuda: TensorFlow sees no GPU (tensorflow-cpu, or CUDA libraries missing: "
                                    "pip install 'tensorflow[and-cuda]'); use --device cpu")
-    if requested == "cpu" or not gpus:
+    tf.config.experimental.enable_tensor_float_32_execution(config.allow_tf32)  # GPUs only; TF's default: on
+    if config.device == "cpu" or not gpus:
         tf.config.set_visible_devices([], "GPU")
         return "/CPU:0"
     for gpu in gpus:
@@ -132,7 +134,6 @@ def select_device(requested: str) -> str:
     return "/GPU:0"
 
 
-# --- State -----------------------------------------------------------------------------------------------------------
 class TableSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """The contract's learning-rate table, looked up at the optimizer's step counter."""
 
@@ -166,24 +167,24 @@ class SGD(keras.optimizers.Optimizer):
 class KerasTrainer(contract.Trainer):
 
     def build(self, weights):
-        self.device = select_device(self.config.device)
-        tf.config.experimental.enable_tensor_float_32_execution(self.config.allow_tf32)  # GPUs only; TF's default: on
+        self.device = select_device(self.config)
         # bf16: Keras' mixed precision, bf16 compute with float32 variables, as torch.autocast does.
         keras.mixed_precision.set_global_policy("mixed_bfloat16" if self.config.precision == "bf16" else "float32")
         with tf.device(self.device):
             self.model = ResNet18()
             self.model(tf.zeros([1, 28, 28, 1]))  # creates the variables; import_weights() sets them
-            self.schedule_fn = TableSchedule(self.schedule)
-            self.optimizer = SGD(self.schedule_fn)
+            self.learning_rate = TableSchedule(self.schedule)
+            self.optimizer = SGD(self.learning_rate)
             self.optimizer.build(self.model.trainable_variables)
             # The whole dataset lives on the device, NHWC; an epoch only gathers from it.
             self.train_images = tf.constant(contract.nhwc(self.data.train_images))
             self.train_labels = tf.constant(self.data.train_labels)
             self.test_images = tf.constant(contract.nhwc(self.data.test_images))
             self.test_labels = tf.constant(self.data.test_labels)
+        # The steps compiled in place, as @tf.function would, with the run's jit_compile: one graph each, traced once.
         # XLA when asked: much slower on this CPU (40-120 against ~700 images/s), often the faster one on GPUs.
-        self.compiled_step = tf.function(self.step_on, jit_compile=self.config.compile)
-        self.compiled_eval = tf.function(self.eval_on, jit_compile=self.config.compile)
+        self.device_train_step = tf.function(self.device_train_step, jit_compile=self.config.compile)
+        self.device_eval_step = tf.function(self.device_eval_step, jit_compile=self.config.compile)
         self.import_weights(weights)
 
     def environment(self):
@@ -192,8 +193,11 @@ class KerasTrainer(contract.Trainer):
             name = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])["device_name"]
         return {"framework_version": tf.__version__, "device": name}
 
+    def memory_peak_bytes(self):
+        return None if self.device == "/CPU:0" else tf.config.experimental.get_memory_info("GPU:0")["peak"]
+
     # --- Train step --------------------------------------------------------------------------------------------------
-    def step_on(self, images, labels):  # traced once by tf.function: one graph per step, no Python inside
+    def device_train_step(self, images, labels):  # traced once by tf.function (build): one graph, no Python inside
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
             loss = ops.mean(ops.sparse_categorical_crossentropy(labels, logits, from_logits=True))
@@ -203,19 +207,23 @@ class KerasTrainer(contract.Trainer):
 
     def train_step(self, images, labels):
         with tf.device(self.device):
-            return float(self.compiled_step(tf.constant(contract.nhwc(images)), tf.constant(labels)))
+            return float(self.device_train_step(tf.constant(contract.nhwc(images)), tf.constant(labels)))
+
+    def learning_rates(self, steps):
+        with tf.device(self.device):
+            return self.learning_rate(tf.constant(steps)).numpy()
 
     # --- Epoch -------------------------------------------------------------------------------------------------------
     # A Python loop over the compiled step, as on the PyTorch page: the step is the one train_step runs, and one
     # tf.function holding the whole epoch in a while loop measured slower on this CPU (~335 against 500-670 images/s).
     def train_epoch(self, epoch):
         start = time.perf_counter()
-        batches = contract.epoch_batches(self.config.seed, epoch, len(self.data.train_labels), self.config.batch_size)
+        batches = self.epoch_batches(epoch)
         losses, consumed = [], []
         with tf.device(self.device):
             for indices in tf.constant(batches):
                 labels = tf.gather(self.train_labels, indices)
-                losses.append(self.compiled_step(tf.gather(self.train_images, indices), labels))
+                losses.append(self.device_train_step(tf.gather(self.train_images, indices), labels))
                 consumed.append(labels)
             mean_loss = float(tf.reduce_mean(tf.stack(losses)))  # float() waits for the device: the time is real
         seconds = time.perf_counter() - start
@@ -223,7 +231,7 @@ class KerasTrainer(contract.Trainer):
         return contract.EpochResult(mean_loss, batches.size, seconds, digest)
 
     # --- Evaluation --------------------------------------------------------------------------------------------------
-    def eval_on(self, images, labels):
+    def device_eval_step(self, images, labels):
         logits = self.model(images, training=False)
         loss_sum = ops.sum(ops.sparse_categorical_crossentropy(labels, logits, from_logits=True))
         return loss_sum, ops.sum(ops.cast(ops.argmax(logits, axis=1) == labels, "int32"))
@@ -233,21 +241,14 @@ class KerasTrainer(contract.Trainer):
         with tf.device(self.device):
             for start in range(0, len(self.data.test_labels), contract.EVAL_BATCH_SIZE):
                 batch = slice(start, start + contract.EVAL_BATCH_SIZE)
-                batch_loss, batch_correct = self.compiled_eval(self.test_images[batch], self.test_labels[batch])
-                loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
+                batch_loss, batch_correct = self.device_eval_step(self.test_images[batch], self.test_labels[batch])
+                loss_sum, correct = loss_sum + batch_loss, correct + batch_correct  # device scalars: no sync per batch
         n = len(self.data.test_labels)
         return contract.Evaluation(float(loss_sum) / n, int(correct) / n)  # the one host read
 
     def logits(self, images, train):
         with tf.device(self.device):
             return self.model(tf.constant(contract.nhwc(images)), training=train).numpy()
-
-    def learning_rates(self, steps):
-        with tf.device(self.device):
-            return self.schedule_fn(tf.constant(steps)).numpy()
-
-    def memory_peak_bytes(self):
-        return None if self.device == "/CPU:0" else tf.config.experimental.get_memory_info("GPU:0")["peak"]
 
     # --- Canonical weights -------------------------------------------------------------------------------------------
     # Canonical names are PyTorch module paths, which the Keras model's attributes follow ("layer2.0.downsample.1").
