@@ -7,9 +7,17 @@ Sections, in the same order in every framework: model, state, train step, epoch,
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax starts: no grab of 75% of the GPU up front
+# XLA:CPU's algebraic simplifier swaps the operands of each convolution whose image is smaller than its kernel (layer3's
+# 2x2 and layer4's 1x1 maps) into a form that only its naive loop emitter runs: a training step took 8x longer here.
+# The Haiku page passes jax.jit's compiler_options; nnx.jit takes none, so the pass is disabled through XLA_FLAGS,
+# which bind every backend from the first one's start: only where jax has no CUDA plugin (the GPU needs the pass).
+CUDA_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin")
+if not any(importlib.util.find_spec(plugin) for plugin in CUDA_PLUGINS):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_disable_hlo_passes=algsimp".strip()
 
 import time
 
@@ -61,7 +69,8 @@ class BasicBlock(nnx.Module):
         self.bn2 = BatchNorm(out_channels, rngs)
         self.downsample = nnx.data(None)  # data, not a static attribute: the blocks that downsample hold modules here
         if stride != 1 or in_channels != out_channels:  # indexed as PyTorch's Sequential: downsample.0, downsample.1
-            self.downsample = nnx.List([conv(in_channels, out_channels, 1, stride, dtype, rngs), BatchNorm(out_channels, rngs)])
+            self.downsample = nnx.List([conv(in_channels, out_channels, 1, stride, dtype, rngs),
+                                        BatchNorm(out_channels, rngs)])
 
     def __call__(self, x):
         shortcut = x
