@@ -25,6 +25,13 @@ FRAMEWORKS = {
         Framework("pytorch", "implementations.pytorch.trainer:TorchTrainer", ("torch",), "pip install '.[pytorch]'"),
         Framework("tensorflow", "implementations.tensorflow.trainer:KerasTrainer", ("tensorflow",), "pip install '.[tensorflow]'"),
         Framework("jax", "implementations.jax_haiku.trainer:HaikuTrainer", ("jax", "haiku", "optax"), "pip install '.[jax]'"),
+        Framework("flax", "implementations.flax_nnx.trainer:FlaxTrainer", ("jax", "flax", "optax"), "pip install '.[flax]'"),
+        Framework("keras-jax", "implementations.keras3.trainer:KerasTrainer", ("keras", "jax"), "pip install '.[keras,jax]'",
+                  environment=(("KERAS_BACKEND", "jax"),)),
+        Framework("keras-torch", "implementations.keras3.trainer:KerasTrainer", ("keras", "torch"),
+                  "pip install '.[keras,pytorch]'", environment=(("KERAS_BACKEND", "torch"),)),
+        Framework("keras-tensorflow", "implementations.keras3.trainer:KerasTrainer", ("keras", "tensorflow"),
+                  "pip install '.[keras,tensorflow]'", environment=(("KERAS_BACKEND", "tensorflow"),)),
         Framework("lightning", "implementations.lightning.trainer:LightningTrainer", ("torch", "pytorch_lightning"),
                   "pip install '.[lightning]'"),
     )
