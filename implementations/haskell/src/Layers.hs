@@ -17,11 +17,24 @@ module Layers
   ) where
 
 import qualified Data.Vector.Storable as V
+import GHC.Float (double2Float, float2Double)
 import qualified Data.Vector.Storable.Mutable as MV
 import Numeric.LinearAlgebra (Matrix, Numeric, cols, flatten, reshape, tr)
 import qualified Numeric.LinearAlgebra as LA
 
-type Scalar a = (Numeric a, RealFloat a)
+-- | Float or Double, with the conversions that statistics accumulated in Double need (fromDouble would go through
+-- Rational wherever GHC does not specialise it).
+class (Numeric a, RealFloat a) => Scalar a where
+  toDouble :: a -> Double
+  fromDouble :: Double -> a
+
+instance Scalar Float where
+  toDouble = float2Double
+  fromDouble = double2Float
+
+instance Scalar Double where
+  toDouble = id
+  fromDouble = id
 
 data Shape = Shape {batch, height, width, channels :: !Int} deriving (Eq, Show)
 
@@ -52,18 +65,17 @@ for from to body = go from
       | otherwise = body i >> go (i + 1)
 {-# INLINE for #-}
 
-toDouble :: Real a => a -> Double
-toDouble = realToFrac
-
 -- | Per-channel sums over the rows of an [n, c] layout, accumulated in Double; `term` gets the flat index and channel.
 channelSums :: Int -> Int -> (Int -> Int -> Double) -> V.Vector Double
 channelSums n c term = V.create $ do
   sums <- MV.replicate c 0
   for 0 n $ \r -> for 0 c $ \ch -> MV.unsafeModify sums (+ term (r * c + ch) ch) ch
   pure sums
+{-# INLINE channelSums #-}
 
 perChannel :: V.Storable a => Int -> (Int -> a -> a) -> V.Vector a -> V.Vector a
 perChannel c f = V.imap (\i x -> f (i `rem` c) x)
+{-# INLINE perChannel #-}
 
 -- --- Convolution: im2col + sgemm --------------------------------------------------------------------------------------
 -- | Weight as a [kernel * kernel * in, out] matrix, rows ordered (kh, kw, in): the im2col patch order.
@@ -139,7 +151,7 @@ bnMomentum = 0.1 -- PyTorch's convention: running = 0.9 * running + 0.1 * batch 
 batchNorm :: Scalar a => Mode -> BatchNorm a -> Tensor a -> (Tensor a, BatchNorm a, BnCache a)
 batchNorm Eval bn@(BatchNorm g b rm rv) (Tensor s x) = (Tensor s y, bn, error "eval-mode BatchNorm has no backward pass")
   where
-    scale = V.zipWith (\gi vi -> realToFrac (toDouble gi / sqrt (toDouble vi + bnEpsilon))) g rv
+    scale = V.zipWith (\gi vi -> fromDouble (toDouble gi / sqrt (toDouble vi + bnEpsilon))) g rv
     y = perChannel (channels s) (\ch xi -> (xi - rm ! ch) * scale ! ch + b ! ch) x
 batchNorm Train (BatchNorm g b rm rv) (Tensor s x) = (Tensor s y, BatchNorm g b rm' rv', BnCache xhat inv)
   where
@@ -147,25 +159,25 @@ batchNorm Train (BatchNorm g b rm rv) (Tensor s x) = (Tensor s y, BatchNorm g b 
     count = fromIntegral n
     mean = V.map (/ count) (channelSums n c (\i _ -> toDouble (x ! i)))
     var = V.map (/ count) (channelSums n c (\i ch -> let d = toDouble (x ! i) - mean ! ch in d * d))
-    inv = V.map (\v -> realToFrac (1 / sqrt (v + bnEpsilon))) var
-    meanA = V.map realToFrac mean
+    inv = V.map (\v -> fromDouble (1 / sqrt (v + bnEpsilon))) var
+    meanA = V.map fromDouble mean
     xhat = perChannel c (\ch xi -> (xi - meanA ! ch) * inv ! ch) x
     y = perChannel c (\ch h -> h * g ! ch + b ! ch) xhat
-    running old new = realToFrac ((1 - bnMomentum) * toDouble old + bnMomentum * new)
+    running old new = fromDouble ((1 - bnMomentum) * toDouble old + bnMomentum * new)
     rm' = V.zipWith running rm mean
     rv' = V.zipWith running rv (V.map (* (count / (count - 1))) var)
 
 -- | (input gradient, gamma gradient, beta gradient) through batch statistics.
 batchNormBackward :: Scalar a => BatchNorm a -> BnCache a -> Tensor a -> (Tensor a, V.Vector a, V.Vector a)
-batchNormBackward bn (BnCache xhat inv) (Tensor s dy) = (Tensor s dx, V.map realToFrac dgamma, V.map realToFrac dbeta)
+batchNormBackward bn (BnCache xhat inv) (Tensor s dy) = (Tensor s dx, V.map fromDouble dgamma, V.map fromDouble dbeta)
   where
     (n, c) = (rowCount s, channels s)
     count = fromIntegral n
     dbeta = channelSums n c (\i _ -> toDouble (dy ! i))
     dgamma = channelSums n c (\i _ -> toDouble (dy ! i) * toDouble (xhat ! i))
     scale = V.zipWith (*) (gamma bn) inv
-    meanDy = V.map (realToFrac . (/ count)) dbeta
-    meanDyXhat = V.map (realToFrac . (/ count)) dgamma
+    meanDy = V.map (fromDouble . (/ count)) dbeta
+    meanDyXhat = V.map (fromDouble . (/ count)) dgamma
     dx = V.imap (\i d -> let ch = i `rem` c in scale ! ch * (d - meanDy ! ch - xhat ! i * meanDyXhat ! ch)) dy
 
 -- --- ReLU and the residual sum -----------------------------------------------------------------------------------------
@@ -186,14 +198,17 @@ maxPool :: Scalar a => Tensor a -> (Tensor a, V.Vector Int)
 maxPool (Tensor (Shape b h w c) x) = (Tensor (Shape b oh ow c) (V.map (x !) argmax), argmax)
   where
     (oh, ow) = (outSize 3 2 1 h, outSize 3 2 1 w)
-    argmax = V.generate (b * oh * ow * c) $ \o ->
-      let (r, ch) = o `quotRem` c
-          (n, pixel) = r `quotRem` (oh * ow)
-          (i, j) = pixel `quotRem` ow
-          window = [((n * h + y) * w + x') * c + ch | y <- [2 * i - 1 .. 2 * i + 1], y >= 0, y < h,
-                                                      x' <- [2 * j - 1 .. 2 * j + 1], x' >= 0, x' < w]
-          firstMax best candidate = if x ! candidate > x ! best then candidate else best
-       in foldl1 firstMax window
+    argmax = V.create $ do
+      best <- MV.replicate (b * oh * ow * c) (-1)
+      for 0 (b * oh * ow) $ \r -> do
+        let (n, pixel) = r `quotRem` (oh * ow)
+            (i, j) = pixel `quotRem` ow
+        for (max 0 (2 * i - 1)) (min h (2 * i + 2)) $ \y -> for (max 0 (2 * j - 1)) (min w (2 * j + 2)) $ \x' ->
+          for 0 c $ \ch -> do
+            let candidate = ((n * h + y) * w + x') * c + ch
+            current <- MV.unsafeRead best (r * c + ch)
+            if current < 0 || x ! candidate > x ! current then MV.unsafeWrite best (r * c + ch) candidate else pure ()
+      pure best
 
 maxPoolBackward :: Scalar a => Shape -> V.Vector Int -> Tensor a -> Tensor a
 maxPoolBackward inShape argmax (Tensor _ dy) = Tensor inShape $ V.create $ do
@@ -225,7 +240,7 @@ linearBackward :: Scalar a => Matrix a -> Matrix a -> Matrix a -> (Matrix a, Mat
 linearBackward weight features dlogits = (matmul dlogits (tr weight), matmul (tr features) dlogits, dbias)
   where
     d = flatten dlogits
-    dbias = V.map realToFrac (channelSums (LA.rows dlogits) (cols dlogits) (\i _ -> toDouble (d ! i)))
+    dbias = V.map fromDouble (channelSums (LA.rows dlogits) (cols dlogits) (\i _ -> toDouble (d ! i)))
 
 -- --- Softmax cross-entropy ------------------------------------------------------------------------------------------
 -- | (summed loss, correct predictions, gradient of the batch-mean loss w.r.t. the logits).
@@ -240,5 +255,5 @@ crossEntropy logits labels = (sum losses, length (filter id hits), reshape k (V.
           label = labels ! r
           top = V.maximum zs
           logSumExp = top + log (V.sum (V.map (\v -> exp (v - top)) zs))
-          grad = V.imap (\o v -> realToFrac ((exp (v - logSumExp) - if o == label then 1 else 0) / fromIntegral b)) zs
+          grad = V.imap (\o v -> fromDouble ((exp (v - logSumExp) - if o == label then 1 else 0) / fromIntegral b)) zs
        in (logSumExp - zs ! label, V.maxIndex zs == label, grad)
