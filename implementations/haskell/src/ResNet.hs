@@ -5,7 +5,7 @@
 --
 -- Sections, in the same order in every framework: model, state, train step, epoch, evaluation, canonical weights.
 module ResNet
-  ( BasicBlock (..), ResNet18 (..), resnet18, forward, backward
+  ( BasicBlock (..), ResNet18 (..), resnet18, forward, backward, parameters, withParameters
   , Trainer (..), Dataset (..), newTrainer, resetTrainer, forceModel
   , trainStep, learningRate, trainEpoch
   , evaluate, logits
@@ -239,7 +239,7 @@ logits t mode pixels = out
 canonicalSize :: Int
 canonicalSize = getSum (getConst (tensors (\_ v -> Const (Sum (V.length v))) (resnet18 :: ResNet18 Float)))
 
-importCanonical :: V.Vector Float -> ResNet18 Float
+importCanonical :: Scalar a => V.Vector a -> ResNet18 a
 importCanonical flat
   | V.length flat /= canonicalSize = error ("canonical weights: " ++ show (V.length flat) ++ " values, expected " ++ show canonicalSize)
   | otherwise = evalState (tensors take' resnet18) 0
