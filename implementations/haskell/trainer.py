@@ -25,12 +25,12 @@ PROGRAM = Path(__file__).resolve().parent / "bin" / "mnist-resnet"
 class HaskellProgram:
     """The compiled trainer as a subprocess; it exits when its standard input closes (the worker went away)."""
 
-    def __init__(self):
-        if not PROGRAM.is_file():
-            raise contract.ConfigError(f"{PROGRAM} is not built: run implementations/haskell/build.sh")
+    def __init__(self, command: tuple[str, ...]):
+        if not Path(command[0]).is_file():
+            raise contract.ConfigError(f"{command[0]} is not built: run implementations/haskell/build.sh")
         # sgemm runs on OpenBLAS's threads (OPENBLAS_NUM_THREADS, default: every core); the runtime's options are
         # built into the program (mnist-resnet.cabal).
-        self.process = subprocess.Popen([str(PROGRAM)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def request(self, line: str, *arrays: np.ndarray, reply: tuple[tuple[type, int], ...] = ()):
         """Send a request and its arrays; the reply line's fields and the arrays `reply` names (dtype, length)."""
@@ -58,9 +58,10 @@ def i32(array) -> np.ndarray:
 
 # --- State -----------------------------------------------------------------------------------------------------------
 class HaskellTrainer(contract.Trainer):
+    command = (str(PROGRAM),)  # profile.py runs a profiling build instead
 
     def build(self, weights):
-        self.program = HaskellProgram()
+        self.program = HaskellProgram(self.command)
         self.program.request(f"schedule {len(self.schedule)}", f32(self.schedule))
         data = self.data  # [N, 1, 28, 28] is, byte for byte, the program's NHWC [N, 28, 28, 1]
         self.program.request(f"data {len(data.train_labels)} {len(data.test_labels)}", f32(data.train_images),
@@ -102,7 +103,12 @@ class HaskellTrainer(contract.Trainer):
         return logits.reshape(len(images), contract.NUM_CLASSES)
 
     def memory_peak_bytes(self):
-        return None  # CPU only: no device allocator
+        """The program's peak resident memory: the harness's own figure is the worker's, which does not include it."""
+        status = Path(f"/proc/{self.program.process.pid}/status")
+        if not status.is_file():  # Linux reports it; elsewhere there is no figure
+            return None
+        kib = next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(kib) * 1024
 
     # --- Canonical weights -------------------------------------------------------------------------------------------
     # The program converts layouts (OIHW -> [kh, kw, in, out], linear [out, in] -> [in, out]) in ResNet.hs.

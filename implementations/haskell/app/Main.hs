@@ -28,7 +28,7 @@ import Foreign.Storable (Storable, sizeOf)
 import Numeric.LinearAlgebra (flatten)
 import System.IO
 import Data.Version (showVersion)
-import System.Info (compilerVersion)
+import System.Info (fullCompilerVersion)
 
 import Layers (Mode (..))
 import ResNet
@@ -70,7 +70,7 @@ main = do
 handle :: Trainer -> [String] -> IO Trainer
 handle t request = case request of
   ["version"] -> do
-    reply ["GHC", showVersion compilerVersion, "hmatrix", VERSION_hmatrix, "vector", VERSION_vector] >> pure t
+    reply ["GHC", showVersion fullCompilerVersion, "hmatrix", VERSION_hmatrix, "vector", VERSION_vector] >> pure t
   ["data", n, m] -> do
     train <- Dataset <$> readArray (read n * pixels) <*> readArray (read n)
     test <- Dataset <$> readArray (read m * pixels) <*> readArray (read m)
