@@ -30,8 +30,9 @@ def main(program: str, steps: int, mnist_dir: str | None) -> None:
         trainer.program.process.stdin.close()  # the runtime writes its profile as the program exits
         trainer.program.process.wait()
         print(f"{steps} training steps of {config.batch_size} images in {result.seconds:.1f} s under profiling "
-              f"({time.strftime('%Y-%m-%d %H:%M')}); cost centres by inherited time:")
-        print(report.with_suffix(".prof").read_text())
+              f"({time.strftime('%Y-%m-%d %H:%M')}); the cost centres that take the time (GHC's profile, less its "
+              "call tree):")
+        print(report.with_suffix(".prof").read_text().split("\n\n\n")[0])
 
 
 if __name__ == "__main__":
