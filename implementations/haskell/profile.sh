@@ -7,7 +7,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 cd "$here"
 export CABAL_CONFIG="$here/cabal-offline.config"
-cabal build --offline --builddir=dist-profiling --enable-profiling --profiling-detail=toplevel-functions exe:mnist-resnet
+cabal build --offline --builddir=dist-profiling --enable-profiling --profiling-detail=exported-functions exe:mnist-resnet
 program="$(cabal list-bin --offline --builddir=dist-profiling --enable-profiling exe:mnist-resnet)"
 cd "$repo"
 exec "${PYTHON:-$repo/.venv/bin/python}" -m implementations.haskell.profile "$program" "${1:-20}" ${2:+"$2"}

@@ -4,7 +4,8 @@
 -- Activations are NHWC, stored as a row-major matrix [batch * height * width, channels]: a convolution is then one
 -- im2col copy of contiguous channel runs and one matrix product whose result is already the next NHWC activation, and
 -- BatchNorm's per-channel statistics run down the columns. Every function is polymorphic in the scalar: the model
--- trains in Float, the gradient checks (test/GradientCheck.hs) run the same code in Double.
+-- trains in Float (the SPECIALIZE pragmas compile those versions), the gradient checks (test/GradientCheck.hs) run the
+-- same code in Double.
 module Layers
   ( Scalar, Shape (..), Tensor (..), Mode (..), rowCount, matmul
   , Conv (..), convForward, convBackward
@@ -46,11 +47,13 @@ rowCount :: Shape -> Int
 rowCount (Shape b h w _) = b * h * w
 
 asMatrix :: Scalar a => Tensor a -> Matrix a
+{-# SPECIALIZE asMatrix :: Tensor Float -> Matrix Float #-}
 asMatrix (Tensor s v) = reshape (channels s) v
 
 -- | Row-major product. hmatrix's gemm writes a column-major result; computing (Bᵀ Aᵀ)ᵀ with O(1) transposes lands the
 -- product row-major, so that `flatten` hands back its buffer without a copy.
 matmul :: Numeric a => Matrix a -> Matrix a -> Matrix a
+{-# SPECIALIZE matmul :: Matrix Float -> Matrix Float -> Matrix Float #-}
 matmul a b = tr (tr b LA.<> tr a)
 
 (!) :: V.Storable a => V.Vector a -> Int -> a
@@ -86,6 +89,7 @@ outSize k s p n = (n + 2 * p - k) `div` s + 1
 
 -- | Patches [batch * outH * outW, k * k * channels]; zero where the window leaves the image.
 im2col :: Scalar a => Int -> Int -> Int -> Tensor a -> Matrix a
+{-# SPECIALIZE im2col :: Int -> Int -> Int -> Tensor Float -> Matrix Float #-}
 im2col k s p (Tensor (Shape b h w c) x) = reshape (k * k * c) $ V.create $ do
   patches <- MV.replicate (b * oh * ow * k * k * c) 0
   for 0 (b * oh * ow) $ \r -> do
@@ -104,6 +108,7 @@ im2col k s p (Tensor (Shape b h w c) x) = reshape (k * k * c) $ V.create $ do
 
 -- | im2col's adjoint: patch gradients summed back onto the pixels they were copied from.
 col2im :: Scalar a => Int -> Int -> Int -> Shape -> V.Vector a -> V.Vector a
+{-# SPECIALIZE col2im :: Int -> Int -> Int -> Shape -> V.Vector Float -> V.Vector Float #-}
 col2im k s p (Shape b h w c) dpatches = V.create $ do
   dx <- MV.replicate (b * h * w * c) 0
   for 0 (b * oh * ow) $ \r -> do
@@ -123,6 +128,7 @@ col2im k s p (Shape b h w c) dpatches = V.create $ do
 
 -- | The output and the patches, which the backward pass multiplies with the output gradient.
 convForward :: Scalar a => Conv a -> Tensor a -> (Tensor a, Matrix a)
+{-# SPECIALIZE convForward :: Conv Float -> Tensor Float -> (Tensor Float, Matrix Float) #-}
 convForward (Conv k s p weight) x = (Tensor outShape (flatten (matmul patches weight)), patches)
   where
     Shape b h w _ = shape x
@@ -131,6 +137,7 @@ convForward (Conv k s p weight) x = (Tensor outShape (flatten (matmul patches we
 
 -- | (input gradient, weight gradient). Lazy: the stem never demands its input gradient, so it is never computed.
 convBackward :: Scalar a => Conv a -> Shape -> Matrix a -> Tensor a -> (Tensor a, Matrix a)
+{-# SPECIALIZE convBackward :: Conv Float -> Shape -> Matrix Float -> Tensor Float -> (Tensor Float, Matrix Float) #-}
 convBackward (Conv k s p weight) inShape patches dy = (Tensor inShape dx, matmul (tr patches) dyMatrix)
   where
     dyMatrix = asMatrix dy
@@ -149,6 +156,7 @@ bnMomentum = 0.1 -- PyTorch's convention: running = 0.9 * running + 0.1 * batch 
 -- | Train: normalize with the batch statistics (biased variance), update the running statistics with the unbiased
 -- variance, as PyTorch does. Eval: normalize with the running statistics; the cache is never demanded.
 batchNorm :: Scalar a => Mode -> BatchNorm a -> Tensor a -> (Tensor a, BatchNorm a, BnCache a)
+{-# SPECIALIZE batchNorm :: Mode -> BatchNorm Float -> Tensor Float -> (Tensor Float, BatchNorm Float, BnCache Float) #-}
 batchNorm Eval bn@(BatchNorm g b rm rv) (Tensor s x) = (Tensor s y, bn, error "eval-mode BatchNorm has no backward pass")
   where
     scale = V.zipWith (\gi vi -> fromDouble (toDouble gi / sqrt (toDouble vi + bnEpsilon))) g rv
@@ -169,6 +177,7 @@ batchNorm Train (BatchNorm g b rm rv) (Tensor s x) = (Tensor s y, BatchNorm g b 
 
 -- | (input gradient, gamma gradient, beta gradient) through batch statistics.
 batchNormBackward :: Scalar a => BatchNorm a -> BnCache a -> Tensor a -> (Tensor a, V.Vector a, V.Vector a)
+{-# SPECIALIZE batchNormBackward :: BatchNorm Float -> BnCache Float -> Tensor Float -> (Tensor Float, V.Vector Float, V.Vector Float) #-}
 batchNormBackward bn (BnCache xhat inv) (Tensor s dy) = (Tensor s dx, V.map fromDouble dgamma, V.map fromDouble dbeta)
   where
     (n, c) = (rowCount s, channels s)
@@ -182,19 +191,23 @@ batchNormBackward bn (BnCache xhat inv) (Tensor s dy) = (Tensor s dx, V.map from
 
 -- --- ReLU and the residual sum -----------------------------------------------------------------------------------------
 relu :: Scalar a => Tensor a -> Tensor a
+{-# SPECIALIZE relu :: Tensor Float -> Tensor Float #-}
 relu (Tensor s x) = Tensor s (V.map (max 0) x)
 
 -- | Through the ReLU's output, as PyTorch does: the gradient passes where the output is positive.
 reluBackward :: Scalar a => Tensor a -> Tensor a -> Tensor a
+{-# SPECIALIZE reluBackward :: Tensor Float -> Tensor Float -> Tensor Float #-}
 reluBackward (Tensor _ y) (Tensor s dy) = Tensor s (V.zipWith (\yi d -> if yi > 0 then d else 0) y dy)
 
 add :: Scalar a => Tensor a -> Tensor a -> Tensor a
+{-# SPECIALIZE add :: Tensor Float -> Tensor Float -> Tensor Float #-}
 add (Tensor s x) (Tensor _ y) = Tensor s (V.zipWith (+) x y)
 
 -- --- Max pool 3x3, stride 2, padding 1 ------------------------------------------------------------------------------
 -- | The pooled tensor and, per output, the flat input index of its maximum: the first one in row-major window order,
 -- PyTorch's tie rule. Padding is -inf: positions outside the image are skipped.
 maxPool :: Scalar a => Tensor a -> (Tensor a, V.Vector Int)
+{-# SPECIALIZE maxPool :: Tensor Float -> (Tensor Float, V.Vector Int) #-}
 maxPool (Tensor (Shape b h w c) x) = (Tensor (Shape b oh ow c) (V.map (x !) argmax), argmax)
   where
     (oh, ow) = (outSize 3 2 1 h, outSize 3 2 1 w)
@@ -211,6 +224,7 @@ maxPool (Tensor (Shape b h w c) x) = (Tensor (Shape b oh ow c) (V.map (x !) argm
       pure best
 
 maxPoolBackward :: Scalar a => Shape -> V.Vector Int -> Tensor a -> Tensor a
+{-# SPECIALIZE maxPoolBackward :: Shape -> V.Vector Int -> Tensor Float -> Tensor Float #-}
 maxPoolBackward inShape argmax (Tensor _ dy) = Tensor inShape $ V.create $ do
   dx <- MV.replicate (rowCount inShape * channels inShape) 0
   for 0 (V.length dy) $ \o -> MV.unsafeModify dx (+ dy ! o) (argmax ! o)
@@ -219,11 +233,13 @@ maxPoolBackward inShape argmax (Tensor _ dy) = Tensor inShape $ V.create $ do
 -- --- Global average pool and the linear layer -------------------------------------------------------------------------
 -- | [batch * h * w, c] -> [batch, c] means.
 globalAvgPool :: Scalar a => Tensor a -> Matrix a
+{-# SPECIALIZE globalAvgPool :: Tensor Float -> Matrix Float #-}
 globalAvgPool (Tensor (Shape b h w c) x) = reshape c $ V.generate (b * c) $ \o ->
   let (n, ch) = o `quotRem` c
    in sum [x ! ((n * h * w + p) * c + ch) | p <- [0 .. h * w - 1]] / fromIntegral (h * w)
 
 globalAvgPoolBackward :: Scalar a => Shape -> Matrix a -> Tensor a
+{-# SPECIALIZE globalAvgPoolBackward :: Shape -> Matrix Float -> Tensor Float #-}
 globalAvgPoolBackward s@(Shape _ h w c) dfeatures = Tensor s $ V.generate (rowCount s * c) $ \i ->
   let (r, ch) = i `quotRem` c in d ! ((r `quot` (h * w)) * c + ch) / fromIntegral (h * w)
   where
@@ -231,12 +247,14 @@ globalAvgPoolBackward s@(Shape _ h w c) dfeatures = Tensor s $ V.generate (rowCo
 
 -- | Weight [in, out] (the canonical [out, in] transposed once, on import): logits = features · weight + bias.
 linear :: Scalar a => Matrix a -> V.Vector a -> Matrix a -> Matrix a
+{-# SPECIALIZE linear :: Matrix Float -> V.Vector Float -> Matrix Float -> Matrix Float #-}
 linear weight bias features = reshape (V.length bias) (perChannel (V.length bias) (\o z -> z + bias ! o) product')
   where
     product' = flatten (matmul features weight)
 
 -- | (features gradient, weight gradient, bias gradient).
 linearBackward :: Scalar a => Matrix a -> Matrix a -> Matrix a -> (Matrix a, Matrix a, V.Vector a)
+{-# SPECIALIZE linearBackward :: Matrix Float -> Matrix Float -> Matrix Float -> (Matrix Float, Matrix Float, V.Vector Float) #-}
 linearBackward weight features dlogits = (matmul dlogits (tr weight), matmul (tr features) dlogits, dbias)
   where
     d = flatten dlogits
@@ -245,6 +263,7 @@ linearBackward weight features dlogits = (matmul dlogits (tr weight), matmul (tr
 -- --- Softmax cross-entropy ------------------------------------------------------------------------------------------
 -- | (summed loss, correct predictions, gradient of the batch-mean loss w.r.t. the logits).
 crossEntropy :: Scalar a => Matrix a -> V.Vector Int -> (Double, Int, Matrix a)
+{-# SPECIALIZE crossEntropy :: Matrix Float -> V.Vector Int -> (Double, Int, Matrix Float) #-}
 crossEntropy logits labels = (sum losses, length (filter id hits), reshape k (V.concat grads))
   where
     (b, k) = (LA.rows logits, cols logits)

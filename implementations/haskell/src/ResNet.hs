@@ -63,6 +63,7 @@ data BlockCache a = BlockCache
 
 -- | (output, the block with its updated running statistics, cache)
 blockForward :: Scalar a => Mode -> BasicBlock a -> Tensor a -> (Tensor a, BasicBlock a, BlockCache a)
+{-# SPECIALIZE blockForward :: Mode -> BasicBlock Float -> Tensor Float -> (Tensor Float, BasicBlock Float, BlockCache Float) #-}
 blockForward mode (BasicBlock c1 b1 c2 b2 down) x = (y, BasicBlock c1 b1' c2 b2' down', BlockCache x p1 k1 a1 p2 k2 kd y)
   where
     (z1, p1) = convForward c1 x
@@ -80,6 +81,7 @@ blockForward mode (BasicBlock c1 b1 c2 b2 down) x = (y, BasicBlock c1 b1' c2 b2'
 
 -- | (input gradient, the block's gradients in the block's own shape; running statistics left empty)
 blockBackward :: Scalar a => BasicBlock a -> BlockCache a -> Tensor a -> (Tensor a, BasicBlock a)
+{-# SPECIALIZE blockBackward :: BasicBlock Float -> BlockCache Float -> Tensor Float -> (Tensor Float, BasicBlock Float) #-}
 blockBackward (BasicBlock c1 b1 c2 b2 down) (BlockCache x p1 k1 a1 p2 k2 kd y) dy =
   (add dx1 dxShortcut, BasicBlock (c1 {convWeight = dw1}) (gradient dg1 db1) (c2 {convWeight = dw2}) (gradient dg2 db2) downGrad)
   where
@@ -104,6 +106,7 @@ data Cache a = Cache
 
 -- | [batch * 28 * 28, 1] images -> ([batch, 10] logits, the model with updated running statistics, cache)
 forward :: Scalar a => Mode -> ResNet18 a -> Tensor a -> (Matrix a, ResNet18 a, Cache a)
+{-# SPECIALIZE forward :: Mode -> ResNet18 Float -> Tensor Float -> (Matrix Float, ResNet18 Float, Cache Float) #-}
 forward mode (ResNet18 c b bs w bias) x =
   (linear w bias feats, ResNet18 c b' bs' w bias, Cache (shape x) p kb a argmax ks feats (shape h))
   where
@@ -117,6 +120,7 @@ forward mode (ResNet18 c b bs w bias) x =
 
 -- | The gradients of the loss whose logits gradient is `dlogits`, in the model's own shape.
 backward :: Scalar a => ResNet18 a -> Cache a -> Matrix a -> ResNet18 a
+{-# SPECIALIZE backward :: ResNet18 Float -> Cache Float -> Matrix Float -> ResNet18 Float #-}
 backward (ResNet18 c b bs w _) (Cache inShape p kb a argmax ks feats hShape) dlogits =
   ResNet18 (c {convWeight = dwStem}) (gradient dg db) blockGrads dw dbias
   where
@@ -144,15 +148,18 @@ tensors f (ResNet18 c b bs w bias) = ResNet18 <$> conv c <*> bn b <*> traverse b
       BasicBlock <$> conv c1 <*> bn b1 <*> conv c2 <*> bn b2 <*> traverse (\(cd, bd) -> (,) <$> conv cd <*> bn bd) d
 
 parameters :: Scalar a => ResNet18 a -> [V.Vector a]
+{-# SPECIALIZE parameters :: ResNet18 Float -> [V.Vector Float] #-}
 parameters = getConst . tensors (\role v -> Const [v | trainable role])
 
 withParameters :: Scalar a => ResNet18 a -> [V.Vector a] -> ResNet18 a
+{-# SPECIALIZE withParameters :: ResNet18 Float -> [V.Vector Float] -> ResNet18 Float #-}
 withParameters model = evalState (tensors replace model)
   where
     replace role v = if trainable role then state (\(p : rest) -> (p, rest)) else pure v
 
 -- | Evaluates every tensor: the model is built lazily, and a timed epoch must not leave work for later.
 forceModel :: Scalar a => ResNet18 a -> ()
+{-# SPECIALIZE forceModel :: ResNet18 Float -> () #-}
 forceModel model = foldl' (flip seq) () (getConst (tensors (\_ v -> Const [V.length v]) model))
 
 -- --- State -----------------------------------------------------------------------------------------------------------
