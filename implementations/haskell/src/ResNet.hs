@@ -192,8 +192,8 @@ trainStep t pixels ys = (lossSum / fromIntegral (V.length ys), t {model = withPa
     (lossSum, _, dlogits) = crossEntropy out ys
     grads = parameters (backward (model t) cache dlogits)
     lr = learningRate t (step t)
-    bufs' = zipWith (V.zipWith (\buf g -> 0.9 * buf + g)) (momentum t) grads
-    params' = zipWith (V.zipWith (\p buf -> p - lr * buf)) (parameters model') bufs'
+    bufs' = zipWith (pointwise (\buf g -> 0.9 * buf + g)) (momentum t) grads
+    params' = zipWith (pointwise (\p buf -> p - lr * buf)) (parameters model') bufs'
 
 -- --- Epoch -----------------------------------------------------------------------------------------------------------
 gather :: Dataset -> V.Vector Int32 -> (V.Vector Float, V.Vector Int)
