@@ -91,7 +91,7 @@ perChannel c f x = V.create $ do
   pure out
 {-# INLINE perChannel #-}
 
--- --- Convolution: im2col + sgemm --------------------------------------------------------------------------------------
+-- == Convolution: im2col + sgemm ==
 -- | Weight as a [kernel * kernel * in, out] matrix, rows ordered (kh, kw, in): the im2col patch order.
 data Conv a = Conv {kernel, stride, padding :: !Int, convWeight :: !(Matrix a)}
 
@@ -154,7 +154,7 @@ convBackward (Conv k s p weight) inShape patches dy = (Tensor inShape dx, matmul
     dyMatrix = asMatrix dy
     dx = col2im k s p inShape (flatten (matmul dyMatrix (tr weight)))
 
--- --- BatchNorm ---------------------------------------------------------------------------------------------------------
+-- == BatchNorm ==
 data BatchNorm a = BatchNorm {gamma, beta, runningMean, runningVar :: !(V.Vector a)}
 
 -- | What the backward pass needs: the normalized input and 1 / sqrt(biased batch variance + eps), per channel.
@@ -200,7 +200,7 @@ batchNormBackward bn (BnCache xhat inv) (Tensor s dy) = (Tensor s dx, V.map from
     meanDyXhat = V.map (fromDouble . (/ count)) dgamma
     dx = perChannel c (\ch i d -> scale ! ch * (d - meanDy ! ch - xhat ! i * meanDyXhat ! ch)) dy
 
--- --- ReLU and the residual sum -----------------------------------------------------------------------------------------
+-- == ReLU and the residual sum ==
 relu :: Scalar a => Tensor a -> Tensor a
 {-# SPECIALIZE relu :: Tensor Float -> Tensor Float #-}
 relu (Tensor s x) = Tensor s (V.map (max 0) x)
@@ -214,7 +214,7 @@ add :: Scalar a => Tensor a -> Tensor a -> Tensor a
 {-# SPECIALIZE add :: Tensor Float -> Tensor Float -> Tensor Float #-}
 add (Tensor s x) (Tensor _ y) = Tensor s (pointwise (+) x y)
 
--- --- Max pool 3x3, stride 2, padding 1 ------------------------------------------------------------------------------
+-- == Max pool 3x3, stride 2, padding 1 ==
 -- | The pooled tensor and, per output, the flat input index of its maximum: the first one in row-major window order,
 -- PyTorch's tie rule. Padding is -inf: positions outside the image are skipped.
 maxPool :: Scalar a => Tensor a -> (Tensor a, V.Vector Int)
@@ -241,7 +241,7 @@ maxPoolBackward inShape argmax (Tensor _ dy) = Tensor inShape $ V.create $ do
   for 0 (V.length dy) $ \o -> MV.unsafeModify dx (+ dy ! o) (argmax ! o)
   pure dx
 
--- --- Global average pool and the linear layer -------------------------------------------------------------------------
+-- == Global average pool and the linear layer ==
 -- | [batch * h * w, c] -> [batch, c] means.
 globalAvgPool :: Scalar a => Tensor a -> Matrix a
 {-# SPECIALIZE globalAvgPool :: Tensor Float -> Matrix Float #-}
@@ -271,7 +271,7 @@ linearBackward weight features dlogits = (matmul dlogits (tr weight), matmul (tr
     d = flatten dlogits
     dbias = V.map fromDouble (channelSums (LA.rows dlogits) (cols dlogits) (\i _ -> toDouble (d ! i)))
 
--- --- Softmax cross-entropy ------------------------------------------------------------------------------------------
+-- == Softmax cross-entropy ==
 -- | (summed loss, correct predictions, gradient of the batch-mean loss w.r.t. the logits).
 crossEntropy :: Scalar a => Matrix a -> V.Vector Int -> (Double, Int, Matrix a)
 {-# SPECIALIZE crossEntropy :: Matrix Float -> V.Vector Int -> (Double, Int, Matrix Float) #-}

@@ -167,10 +167,10 @@ data Dataset = Dataset {images :: !(V.Vector Float), labels :: !(V.Vector Int32)
 
 data Trainer = Trainer
   { model :: !(ResNet18 Float), momentum :: ![V.Vector Float], step :: !Int
-  , initial :: !(ResNet18 Float), schedule :: !(V.Vector Float), trainData, testData :: !Dataset }
+  , schedule :: !(V.Vector Float), trainData, testData :: !Dataset }
 
 newTrainer :: ResNet18 Float -> V.Vector Float -> Dataset -> Dataset -> Trainer
-newTrainer weights table train test = resetTrainer (Trainer weights [] 0 weights table train test) weights
+newTrainer weights table train test = resetTrainer (Trainer weights [] 0 table train test) weights
 
 -- | Start afresh from `weights`: momentum buffers zero (PyTorch's first step sets buf = grad, which is 0.9 * 0 + grad).
 resetTrainer :: Trainer -> ResNet18 Float -> Trainer
