@@ -8,7 +8,8 @@ cd "$(dirname "$0")"
 export CABAL_CONFIG="$PWD/cabal-offline.config"  # no package repository: cabal would try to download Hackage's index
 cabal build --offline exe:mnist-resnet
 mkdir -p bin
-cp "$(cabal list-bin --offline exe:mnist-resnet)" bin/mnist-resnet
+cp "$(cabal list-bin --offline exe:mnist-resnet)" bin/mnist-resnet.new
+mv bin/mnist-resnet.new bin/mnist-resnet  # a rename: a running trainer keeps its program
 if [ "${1:-}" = test ]; then
     cabal test --offline --test-show-details=direct
 fi
