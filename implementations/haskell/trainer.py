@@ -20,7 +20,7 @@ from implementations import contract
 PROGRAM = Path(__file__).resolve().parent / "bin" / "mnist-resnet"
 
 
-# --- Model ------------------------------------------------------------------------------------------------------------
+# --- Model -----------------------------------------------------------------------------------------------------------
 # BasicBlock and ResNet18, forward and backward, are in src/ResNet.hs; here, the process that runs them.
 class HaskellProgram:
     """The compiled trainer as a subprocess; it exits when its standard input closes (the worker went away)."""
@@ -28,8 +28,7 @@ class HaskellProgram:
     def __init__(self, command: tuple[str, ...]):
         if not Path(command[0]).is_file():
             raise contract.ConfigError(f"{command[0]} is not built: run implementations/haskell/build.sh")
-        # sgemm runs on OpenBLAS's threads (OPENBLAS_NUM_THREADS, default: every core); the runtime's options are
-        # built into the program (mnist-resnet.cabal).
+        # sgemm runs on OpenBLAS's threads (OPENBLAS_NUM_THREADS, default: every core).
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def request(self, line: str, *arrays: np.ndarray, reply: tuple[tuple[type, int], ...] = ()):
@@ -56,7 +55,7 @@ def i32(array) -> np.ndarray:
     return np.ascontiguousarray(array, dtype="<i4")
 
 
-# --- State ------------------------------------------------------------------------------------------------------------
+# --- State -----------------------------------------------------------------------------------------------------------
 class HaskellTrainer(contract.Trainer):
     command = (str(PROGRAM),)  # profile.py runs a profiling build instead
 
@@ -75,23 +74,24 @@ class HaskellTrainer(contract.Trainer):
     def warm_up(self):
         """Compiled ahead of time: there is nothing to trace."""
 
-    # --- Train step ---------------------------------------------------------------------------------------------------
+    # --- Train step --------------------------------------------------------------------------------------------------
     def train_step(self, images, labels):
         (loss,), _ = self.program.request(f"train_step {len(labels)}", f32(images), i32(labels))
         return float(loss)
 
     def learning_rates(self, steps):
-        _, (rates,) = self.program.request(f"learning_rates {len(steps)}", i32(steps), reply=((np.float32, len(steps)),))
+        _, (rates,) = self.program.request(f"learning_rates {len(steps)}", i32(steps),
+                                           reply=((np.float32, len(steps)),))
         return rates
 
-    # --- Epoch --------------------------------------------------------------------------------------------------------
+    # --- Epoch -------------------------------------------------------------------------------------------------------
     def train_epoch(self, epoch):
         indices = self.epoch_batches(epoch)
         (mean_loss, seconds), (labels,) = self.program.request(f"train_epoch {len(indices)} {indices.shape[1]}",
                                                                 i32(indices), reply=((np.int32, indices.size),))
         return contract.EpochResult(float(mean_loss), indices.size, float(seconds), contract.label_digest(labels))
 
-    # --- Evaluation ---------------------------------------------------------------------------------------------------
+    # --- Evaluation --------------------------------------------------------------------------------------------------
     def evaluate(self):
         (loss_sum, correct), _ = self.program.request(f"evaluate {contract.EVAL_BATCH_SIZE}")
         n = len(self.data.test_labels)
@@ -110,7 +110,7 @@ class HaskellTrainer(contract.Trainer):
         kib = next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
         return int(kib) * 1024
 
-    # --- Canonical weights --------------------------------------------------------------------------------------------
+    # --- Canonical weights -------------------------------------------------------------------------------------------
     # The program converts layouts (OIHW -> [kh, kw, in, out], linear [out, in] -> [in, out]) in ResNet.hs.
     def import_weights(self, weights):
         self.program.request("import", import_canonical(weights))

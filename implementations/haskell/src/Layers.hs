@@ -50,8 +50,8 @@ asMatrix :: Scalar a => Tensor a -> Matrix a
 {-# SPECIALIZE asMatrix :: Tensor Float -> Matrix Float #-}
 asMatrix (Tensor s v) = reshape (channels s) v
 
--- | Row-major product. hmatrix's gemm writes a column-major result; computing (Bᵀ Aᵀ)ᵀ with O(1) transposes lands the
--- product row-major, so that `flatten` hands back its buffer without a copy.
+-- | Row-major product. hmatrix's gemm writes a column-major result; computing (Bᵀ Aᵀ)ᵀ with O(1) transposes lands
+-- the product row-major, so that `flatten` hands back its buffer without a copy.
 matmul :: Numeric a => Matrix a -> Matrix a -> Matrix a
 {-# SPECIALIZE matmul :: Matrix Float -> Matrix Float -> Matrix Float #-}
 matmul a b = tr (tr b LA.<> tr a)
@@ -111,7 +111,8 @@ im2col k s p (Tensor (Shape b h w c) x) = reshape (k * k * c) $ V.create $ do
       if y < 0 || y >= h then pure () else for 0 k $ \dj -> do
         let x' = j * s - p + dj
         if x' < 0 || x' >= w then pure () else
-          V.unsafeCopy (MV.unsafeSlice (((r * k + di) * k + dj) * c) c patches) (V.unsafeSlice (((n * h + y) * w + x') * c) c x)
+          V.unsafeCopy (MV.unsafeSlice (((r * k + di) * k + dj) * c) c patches)
+                       (V.unsafeSlice (((n * h + y) * w + x') * c) c x)
   pure patches
   where
     oh = outSize k s p h
@@ -167,8 +168,10 @@ bnMomentum = 0.1 -- PyTorch's convention: running = 0.9 * running + 0.1 * batch 
 -- | Train: normalize with the batch statistics (biased variance), update the running statistics with the unbiased
 -- variance, as PyTorch does. Eval: normalize with the running statistics; the cache is never demanded.
 batchNorm :: Scalar a => Mode -> BatchNorm a -> Tensor a -> (Tensor a, BatchNorm a, BnCache a)
-{-# SPECIALIZE batchNorm :: Mode -> BatchNorm Float -> Tensor Float -> (Tensor Float, BatchNorm Float, BnCache Float) #-}
-batchNorm Eval bn@(BatchNorm g b rm rv) (Tensor s x) = (Tensor s y, bn, error "eval-mode BatchNorm has no backward pass")
+{-# SPECIALIZE batchNorm ::
+      Mode -> BatchNorm Float -> Tensor Float -> (Tensor Float, BatchNorm Float, BnCache Float) #-}
+batchNorm Eval bn@(BatchNorm g b rm rv) (Tensor s x) =
+  (Tensor s y, bn, error "eval-mode BatchNorm has no backward pass")
   where
     scale = pointwise (\gi vi -> fromDouble (toDouble gi / sqrt (toDouble vi + bnEpsilon))) g rv
     y = perChannel (channels s) (\ch _ xi -> (xi - rm ! ch) * scale ! ch + b ! ch) x
@@ -188,7 +191,8 @@ batchNorm Train (BatchNorm g b rm rv) (Tensor s x) = (Tensor s y, BatchNorm g b 
 
 -- | (input gradient, gamma gradient, beta gradient) through batch statistics.
 batchNormBackward :: Scalar a => BatchNorm a -> BnCache a -> Tensor a -> (Tensor a, V.Vector a, V.Vector a)
-{-# SPECIALIZE batchNormBackward :: BatchNorm Float -> BnCache Float -> Tensor Float -> (Tensor Float, V.Vector Float, V.Vector Float) #-}
+{-# SPECIALIZE batchNormBackward ::
+      BatchNorm Float -> BnCache Float -> Tensor Float -> (Tensor Float, V.Vector Float, V.Vector Float) #-}
 batchNormBackward bn (BnCache xhat inv) (Tensor s dy) = (Tensor s dx, V.map fromDouble dgamma, V.map fromDouble dbeta)
   where
     (n, c) = (rowCount s, channels s)
@@ -265,7 +269,8 @@ linear weight bias features = reshape (V.length bias) (perChannel (V.length bias
 
 -- | (features gradient, weight gradient, bias gradient).
 linearBackward :: Scalar a => Matrix a -> Matrix a -> Matrix a -> (Matrix a, Matrix a, V.Vector a)
-{-# SPECIALIZE linearBackward :: Matrix Float -> Matrix Float -> Matrix Float -> (Matrix Float, Matrix Float, V.Vector Float) #-}
+{-# SPECIALIZE linearBackward ::
+      Matrix Float -> Matrix Float -> Matrix Float -> (Matrix Float, Matrix Float, V.Vector Float) #-}
 linearBackward weight features dlogits = (matmul dlogits (tr weight), matmul (tr features) dlogits, dbias)
   where
     d = flatten dlogits

@@ -8,7 +8,7 @@ module ResNet
   ( BasicBlock (..), ResNet18 (..), resnet18, forward, backward, parameters, withParameters
   , Trainer (..), Dataset (..), newTrainer, resetTrainer, forceModel
   , trainStep, learningRate, trainEpoch
-  , evaluate, logits
+  , evalStep, evaluate, logits
   , importCanonical, exportCanonical, canonicalSize
   , imageSize, numClasses
   ) where
@@ -24,7 +24,7 @@ import Numeric.LinearAlgebra (Matrix, cols, flatten, reshape, rows, tr)
 
 import Layers
 
--- --- Model -----------------------------------------------------------------------------------------------------------
+-- --- Model ----------------------------------------------------------------------------------------------------------
 stageWidths :: [Int]
 stageWidths = [64, 128, 256, 512]
 
@@ -44,9 +44,10 @@ data ResNet18 a = ResNet18
 
 -- | The architecture, all weights zero (import_canonical fills them): torchvision's ResNet18, 1 channel, 10 classes.
 resnet18 :: Scalar a => ResNet18 a
-resnet18 = ResNet18 (conv 7 2 3 1 64) (batchnormOf 64) (concat (zipWith stage [1 :: Int ..] (zip (64 : stageWidths) stageWidths)))
-                    (zeros 512 numClasses) (V.replicate numClasses 0)
+resnet18 =
+  ResNet18 (conv 7 2 3 1 64) (batchnormOf 64) stages (zeros (last stageWidths) numClasses) (V.replicate numClasses 0)
   where
+    stages = concat (zipWith stage [1 :: Int ..] (zip (64 : stageWidths) stageWidths))
     zeros r c = reshape c (V.replicate (r * c) 0)
     conv k s p cin cout = Conv k s p (zeros (k * k * cin) cout)
     batchnormOf c = BatchNorm (V.replicate c 1) (V.replicate c 0) (V.replicate c 0) (V.replicate c 1)
@@ -63,8 +64,10 @@ data BlockCache a = BlockCache
 
 -- | (output, the block with its updated running statistics, cache)
 blockForward :: Scalar a => Mode -> BasicBlock a -> Tensor a -> (Tensor a, BasicBlock a, BlockCache a)
-{-# SPECIALIZE blockForward :: Mode -> BasicBlock Float -> Tensor Float -> (Tensor Float, BasicBlock Float, BlockCache Float) #-}
-blockForward mode (BasicBlock c1 b1 c2 b2 down) x = (y, BasicBlock c1 b1' c2 b2' down', BlockCache x p1 k1 a1 p2 k2 kd y)
+{-# SPECIALIZE blockForward ::
+      Mode -> BasicBlock Float -> Tensor Float -> (Tensor Float, BasicBlock Float, BlockCache Float) #-}
+blockForward mode (BasicBlock c1 b1 c2 b2 down) x =
+  (y, BasicBlock c1 b1' c2 b2' down', BlockCache x p1 k1 a1 p2 k2 kd y)
   where
     (z1, p1) = convForward c1 x
     (n1, b1', k1) = batchNorm mode b1 z1
@@ -81,9 +84,11 @@ blockForward mode (BasicBlock c1 b1 c2 b2 down) x = (y, BasicBlock c1 b1' c2 b2'
 
 -- | (input gradient, the block's gradients in the block's own shape; running statistics left empty)
 blockBackward :: Scalar a => BasicBlock a -> BlockCache a -> Tensor a -> (Tensor a, BasicBlock a)
-{-# SPECIALIZE blockBackward :: BasicBlock Float -> BlockCache Float -> Tensor Float -> (Tensor Float, BasicBlock Float) #-}
+{-# SPECIALIZE blockBackward ::
+      BasicBlock Float -> BlockCache Float -> Tensor Float -> (Tensor Float, BasicBlock Float) #-}
 blockBackward (BasicBlock c1 b1 c2 b2 down) (BlockCache x p1 k1 a1 p2 k2 kd y) dy =
-  (add dx1 dxShortcut, BasicBlock (c1 {convWeight = dw1}) (gradient dg1 db1) (c2 {convWeight = dw2}) (gradient dg2 db2) downGrad)
+  ( add dx1 dxShortcut
+  , BasicBlock (c1 {convWeight = dw1}) (gradient dg1 db1) (c2 {convWeight = dw2}) (gradient dg2 db2) downGrad )
   where
     dsum = reluBackward y dy
     (dz2, dg2, db2) = batchNormBackward b2 k2 dsum
@@ -114,7 +119,8 @@ forward mode (ResNet18 c b bs w bias) x =
     (n, b', kb) = batchNorm mode b z
     a = relu n
     (pooled, argmax) = maxPool a
-    (h, blocksAndCaches) = mapAccumL (\t blk -> let (t', blk', k) = blockForward mode blk t in (t', (blk', k))) pooled bs
+    (h, blocksAndCaches) = mapAccumL (\t blk -> let (t', blk', k) = blockForward mode blk t in (t', (blk', k)))
+                                     pooled bs
     (bs', ks) = unzip blocksAndCaches
     feats = globalAvgPool h
 
@@ -125,7 +131,8 @@ backward (ResNet18 c b bs w _) (Cache inShape p kb a argmax ks feats hShape) dlo
   ResNet18 (c {convWeight = dwStem}) (gradient dg db) blockGrads dw dbias
   where
     (dfeats, dw, dbias) = linearBackward w feats dlogits
-    (dpooled, blockGrads) = mapAccumR (\d (blk, k) -> blockBackward blk k d) (globalAvgPoolBackward hShape dfeats) (zip bs ks)
+    (dpooled, blockGrads) =
+      mapAccumR (\d (blk, k) -> blockBackward blk k d) (globalAvgPoolBackward hShape dfeats) (zip bs ks)
     (dz, dg, db) = batchNormBackward b kb (reluBackward a (maxPoolBackward (shape a) argmax dpooled))
     (_, dwStem) = convBackward c inShape p dz -- the images need no gradient: never computed
 
@@ -139,7 +146,8 @@ trainable RunningVar = False
 trainable _ = True
 
 tensors :: (Applicative f, Scalar a) => (Role -> V.Vector a -> f (V.Vector a)) -> ResNet18 a -> f (ResNet18 a)
-tensors f (ResNet18 c b bs w bias) = ResNet18 <$> conv c <*> bn b <*> traverse block bs <*> matrix FcWeight w <*> f FcBias bias
+tensors f (ResNet18 c b bs w bias) =
+  ResNet18 <$> conv c <*> bn b <*> traverse block bs <*> matrix FcWeight w <*> f FcBias bias
   where
     conv cv@(Conv k _ _ m) = (\m' -> cv {convWeight = m'}) <$> matrix (ConvWeight (cols m) (rows m `div` (k * k)) k) m
     matrix role m = reshape (cols m) <$> f role (flatten m)
@@ -162,7 +170,7 @@ forceModel :: Scalar a => ResNet18 a -> ()
 {-# SPECIALIZE forceModel :: ResNet18 Float -> () #-}
 forceModel model = foldl' (flip seq) () (getConst (tensors (\_ v -> Const [V.length v]) model))
 
--- --- State -----------------------------------------------------------------------------------------------------------
+-- --- State ----------------------------------------------------------------------------------------------------------
 data Dataset = Dataset {images :: !(V.Vector Float), labels :: !(V.Vector Int32)} -- [n, 28, 28, 1], [n]
 
 data Trainer = Trainer
@@ -176,16 +184,18 @@ newTrainer weights table train test = resetTrainer (Trainer weights [] 0 table t
 resetTrainer :: Trainer -> ResNet18 Float -> Trainer
 resetTrainer t weights = t {model = weights, momentum = map (V.map (const 0)) (parameters weights), step = 0}
 
--- --- Train step ------------------------------------------------------------------------------------------------------
+-- --- Train step -----------------------------------------------------------------------------------------------------
 learningRate :: Trainer -> Int -> Float
 learningRate t s
   | s >= 0 && s < V.length (schedule t) = schedule t V.! s
-  | otherwise = error ("step " ++ show s ++ " is past the learning-rate table's " ++ show (V.length (schedule t)) ++ " steps")
+  | otherwise = error ("step " ++ show s ++ " is past the learning-rate table's " ++ show (V.length (schedule t))
+                       ++ " steps")
 
 -- | One SGD step on a batch ([batch * 28 * 28] pixels, labels): the mean loss and the trained state. PyTorch's momentum
 -- formulation: buf = 0.9 * buf + grad; param -= lr * buf.
 trainStep :: Trainer -> V.Vector Float -> V.Vector Int -> (Double, Trainer)
-trainStep t pixels ys = (lossSum / fromIntegral (V.length ys), t {model = withParameters model' params', momentum = bufs', step = step t + 1})
+trainStep t pixels ys =
+  (lossSum / fromIntegral (V.length ys), t {model = withParameters model' params', momentum = bufs', step = step t + 1})
   where
     input = Tensor (Shape (V.length ys) imageSize imageSize 1) pixels
     (out, model', cache) = forward Train (model t) input
@@ -195,7 +205,7 @@ trainStep t pixels ys = (lossSum / fromIntegral (V.length ys), t {model = withPa
     bufs' = zipWith (pointwise (\buf g -> 0.9 * buf + g)) (momentum t) grads
     params' = zipWith (pointwise (\p buf -> p - lr * buf)) (parameters model') bufs'
 
--- --- Epoch -----------------------------------------------------------------------------------------------------------
+-- --- Epoch ----------------------------------------------------------------------------------------------------------
 gather :: Dataset -> V.Vector Int32 -> (V.Vector Float, V.Vector Int)
 gather (Dataset imgs labs) indices =
   ( V.concatMap (\i -> V.slice (fromIntegral i * pixels) pixels imgs) indices
@@ -219,18 +229,23 @@ trainEpoch t0 batchSize indices = do
   end <- getMonotonicTime
   pure (trained, total / fromIntegral steps, end - start, snd (gather (trainData t0) indices))
 
--- --- Evaluation ------------------------------------------------------------------------------------------------------
+-- --- Evaluation -----------------------------------------------------------------------------------------------------
+-- | Eval-mode (summed loss, correct count) of one batch of images and labels (the PyTorch page's device_eval_step).
+evalStep :: Trainer -> V.Vector Float -> V.Vector Int -> (Double, Int)
+evalStep t pixels ys = (loss, correct)
+  where
+    (loss, correct, _) = crossEntropy (logits t Eval pixels) ys
+
 -- | Eval-mode (summed loss, correct count) over the test set, `batchSize` images at a time.
 evaluate :: Trainer -> Int -> (Double, Int)
-evaluate t batchSize = foldl' evalBatch (0, 0) [0, batchSize .. n - batchSize]
+evaluate t batchSize = foldl' accumulate (0, 0) [0, batchSize .. n - batchSize]
   where
     Dataset imgs labs = testData t
     n = V.length labs
     pixels = imageSize * imageSize
-    evalBatch (!loss, !correct) start =
-      let batchImages = V.slice (start * pixels) (batchSize * pixels) imgs
-          ys = V.map fromIntegral (V.slice start batchSize labs)
-          (l, c, _) = crossEntropy (logits t Eval batchImages) ys
+    accumulate (!loss, !correct) start =
+      let images' = V.slice (start * pixels) (batchSize * pixels) imgs
+          (l, c) = evalStep t images' (V.map fromIntegral (V.slice start batchSize labs))
        in (loss + l, correct + c)
 
 -- | [batch, 10] logits of a batch of images; Train normalizes with batch statistics (the running statistics it would
@@ -238,9 +253,10 @@ evaluate t batchSize = foldl' evalBatch (0, 0) [0, batchSize .. n - batchSize]
 logits :: Trainer -> Mode -> V.Vector Float -> Matrix Float
 logits t mode pixels = out
   where
-    (out, _, _) = forward mode (model t) (Tensor (Shape (V.length pixels `div` (imageSize * imageSize)) imageSize imageSize 1) pixels)
+    images' = Tensor (Shape (V.length pixels `div` (imageSize * imageSize)) imageSize imageSize 1) pixels
+    (out, _, _) = forward mode (model t) images'
 
--- --- Canonical weights -----------------------------------------------------------------------------------------------
+-- --- Canonical weights ----------------------------------------------------------------------------------------------
 -- Canonical = PyTorch's state_dict order and layouts, all tensors concatenated: convolutions OIHW (here [kh, kw, in,
 -- out]), the linear weight [out, in] (here [in, out]), BatchNorm weight, bias, running mean, running variance.
 canonicalSize :: Int
@@ -248,7 +264,8 @@ canonicalSize = getSum (getConst (tensors (\_ v -> Const (Sum (V.length v))) (re
 
 importCanonical :: Scalar a => V.Vector a -> ResNet18 a
 importCanonical flat
-  | V.length flat /= canonicalSize = error ("canonical weights: " ++ show (V.length flat) ++ " values, expected " ++ show canonicalSize)
+  | V.length flat /= canonicalSize =
+      error ("canonical weights: " ++ show (V.length flat) ++ " values, expected " ++ show canonicalSize)
   | otherwise = evalState (tensors take' resnet18) 0
   where
     take' role old = state $ \offset ->

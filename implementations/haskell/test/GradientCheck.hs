@@ -17,7 +17,9 @@ import ResNet
 
 -- | Deterministic values in [-1, 1), different for every seed.
 noise :: Int -> Int -> V.Vector Double
-noise seed n = V.generate n (\i -> let v = sin (fromIntegral (i * 7919 + seed * 104729) * 12.9898) * 43758.5453 in 2 * (v - fromIntegral (floor v :: Int)) - 1)
+noise seed n = V.generate n $ \i ->
+  let v = sin (fromIntegral (i * 7919 + seed * 104729) * 12.9898) * 43758.5453
+   in 2 * (v - fromIntegral (floor v :: Int)) - 1
 
 -- | Numeric derivatives of f at x for the given coordinates, central differences with the given step.
 numeric :: Double -> (V.Vector Double -> Double) -> V.Vector Double -> [Int] -> V.Vector Double
@@ -26,7 +28,8 @@ numeric step f x coordinates = V.fromList [(f (bump i step) - f (bump i (-step))
     bump i d = x V.// [(i, x V.! i + d)]
 
 relativeError :: V.Vector Double -> V.Vector Double -> Double
-relativeError analytic numeric' = norm (V.zipWith (-) analytic numeric') / max 1e-30 (max (norm analytic) (norm numeric'))
+relativeError analytic numeric' =
+  norm (V.zipWith (-) analytic numeric') / max 1e-30 (max (norm analytic) (norm numeric'))
   where
     norm = sqrt . V.sum . V.map (^ (2 :: Int))
 
@@ -35,14 +38,16 @@ data Check = Check String (V.Vector Double) (V.Vector Double)
 
 -- | Checks every coordinate of x (the shapes are small) for L(x) = sum (f x * r).
 gradientOf :: String -> (V.Vector Double -> V.Vector Double) -> V.Vector Double -> V.Vector Double -> Check
-gradientOf name f x analytic = Check name analytic (numeric 1e-5 (\x' -> V.sum (V.zipWith (*) (f x') r)) x [0 .. V.length x - 1])
+gradientOf name f x analytic =
+  Check name analytic (numeric 1e-5 (\x' -> V.sum (V.zipWith (*) (f x') r)) x [0 .. V.length x - 1])
   where
     r = noise 99 (V.length (f x))
 
 convChecks :: String -> Int -> Int -> Int -> Shape -> Int -> [Check]
 convChecks name k s p inShape out =
   [ gradientOf (name ++ " input") (\x' -> values (fst (convForward conv (Tensor inShape x')))) x dx
-  , gradientOf (name ++ " weight") (\w' -> values (fst (convForward (Conv k s p (reshape out w')) input))) (flatten weight) (flatten dw) ]
+  , gradientOf (name ++ " weight") (\w' -> values (fst (convForward (Conv k s p (reshape out w')) input)))
+               (flatten weight) (flatten dw) ]
   where
     x = noise 1 (rowCount inShape * channels inShape)
     weight = reshape out (noise 2 (k * k * channels inShape * out))
@@ -68,8 +73,10 @@ batchNormChecks =
 elementwiseChecks :: [Check]
 elementwiseChecks =
   [ gradientOf "relu" (values . relu . Tensor s) x (values (reluBackward (relu input) r))
-  , gradientOf "max pool 3x3/2, padding 1" (values . fst . maxPool . Tensor s) x (values (maxPoolBackward s argmax pooledR))
-  , gradientOf "global average pool" (\x' -> flatten (globalAvgPool (Tensor s x'))) x (values (globalAvgPoolBackward s avgR)) ]
+  , gradientOf "max pool 3x3/2, padding 1" (values . fst . maxPool . Tensor s) x
+               (values (maxPoolBackward s argmax pooledR))
+  , gradientOf "global average pool" (\x' -> flatten (globalAvgPool (Tensor s x'))) x
+               (values (globalAvgPoolBackward s avgR)) ]
   where
     s = Shape 2 5 4 3 -- odd and even sides: the pool's padding on both
     x = noise 6 (rowCount s * 3) -- distinct values, none at a ReLU's kink or a max-pool tie
@@ -81,7 +88,8 @@ elementwiseChecks =
 
 linearChecks :: [Check]
 linearChecks =
-  [ gradientOf "linear features" (\f -> flatten (linear weight bias (reshape 5 f))) (flatten features) (flatten dfeatures)
+  [ gradientOf "linear features" (\f -> flatten (linear weight bias (reshape 5 f))) (flatten features)
+               (flatten dfeatures)
   , gradientOf "linear weight" (\w -> flatten (linear (reshape 3 w) bias features)) (flatten weight) (flatten dweight)
   , gradientOf "linear bias" (\b -> flatten (linear weight b features)) bias dbias
   , Check "softmax cross-entropy (mean over the batch)" (flatten dlogits)
@@ -105,15 +113,18 @@ modelChecks = zipWith3 check [0 :: Int ..] params grads
     model = importCanonical (V.map (* 0.5) (noise 11 canonicalSize)) :: ResNet18 Double
     images = noise 12 (4 * imageSize * imageSize)
     labels = V.fromList [3, 1, 4, 1]
-    loss m = let (out, _, _) = forward Train m (Tensor (Shape 4 imageSize imageSize 1) images); (l, _, _) = crossEntropy out labels in l / 4
-    (out0, _, cache) = forward Train model (Tensor (Shape 4 imageSize imageSize 1) images)
+    input = Tensor (Shape 4 imageSize imageSize 1) images
+    loss m = let (out, _, _) = forward Train m input; (l, _, _) = crossEntropy out labels in l / 4
+    (out0, _, cache) = forward Train model input
     (_, _, dlogits) = crossEntropy out0 labels
     params = parameters model
     grads = parameters (backward model cache dlogits)
     check t p g =
       let coordinates = [(t * 7919 + j * 104729) `mod` V.length p | j <- [0 .. 2]]
           perturbed p' = loss (withParameters model [if u == t then p' else q | (u, q) <- zip [0 ..] params])
-       in Check ("ResNet18 tensor " ++ show t) (V.fromList (map (g V.!) coordinates)) (numeric (if V.length p <= 512 then 1e-7 else 1e-5) perturbed p coordinates)
+          step = if V.length p <= 512 then 1e-7 else 1e-5
+       in Check ("ResNet18 tensor " ++ show t) (V.fromList (map (g V.!) coordinates))
+                (numeric step perturbed p coordinates)
 
 main :: IO ()
 main = do
