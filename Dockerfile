@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# MNIST in every framework, GPU image: PyTorch, Lightning, TensorFlow and JAX, CUDA builds, in one virtual environment.
+# MNIST in every framework, GPU image: PyTorch, Lightning, TensorFlow and JAX, CUDA builds, in one virtual environment;
+# the Haskell row (CPU: hmatrix over OpenBLAS) built with Ubuntu's GHC.
 #
 #   docker build -t mnist-every-framework .
 #   docker run --rm --gpus all --pid=host -v "$PWD/results:/app/results" -v mnist-cache:/data/cache mnist-every-framework
@@ -18,10 +19,12 @@ ENV DEBIAN_FRONTEND=noninteractive \
     XDG_CACHE_HOME=/data/cache
 
 # Ubuntu's patch releases replace each other in the archive: exact version pins would soon break the build.
-# git: pytest-benchmark names saved runs by commit, and the devcontainer's workspace is a checkout.
+# git: pytest-benchmark names saved runs by commit, and the devcontainer's workspace is a checkout. GHC, cabal, hmatrix,
+# vector and OpenBLAS: the Haskell row (implementations/haskell/build.sh builds it offline against them).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv git \
+        ghc cabal-install libghc-hmatrix-dev libghc-vector-dev libopenblas-dev \
     && rm -rf /var/lib/apt/lists/*
 
 # A non-root user. ubuntu:24.04's own "ubuntu" user holds UID 1000, the usual owner of a bind-mounted results folder;
@@ -46,6 +49,7 @@ WORKDIR /app
 COPY --chown=bench:bench . /app
 
 USER ${UID}:${GID}
+RUN implementations/haskell/build.sh
 # Results go to /app/results (mount a host folder there); MNIST is cached in /data/cache (mount a volume there), or
 # read from a mounted folder named by MNIST_DIR. The default command runs the benchmark; `test` runs the test command.
 ENTRYPOINT ["/usr/local/bin/mnist-entrypoint"]

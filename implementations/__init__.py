@@ -1,14 +1,18 @@
 """One package per framework, each implementing `contract.Trainer`; this registry names them without importing them.
 
 The benchmark process never imports a framework: it reads this table, checks with importlib whether the framework's
-packages are installed, and hands the module path to a worker process, which imports it.
+packages are installed (and, for a row in another language, whether its program is built), and hands the module path
+to a worker process, which imports it.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+from pathlib import Path
 from typing import NamedTuple
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Framework(NamedTuple):
@@ -17,6 +21,7 @@ class Framework(NamedTuple):
     requires: tuple[str, ...]  # import names that must be installed
     install_hint: str
     environment: tuple[tuple[str, str], ...] = ()  # variables the worker sets before it imports `module`
+    programs: tuple[str, ...] = ()  # built files, from the repository root, that must exist: a compiled row's program
 
 
 FRAMEWORKS = {
@@ -34,12 +39,16 @@ FRAMEWORKS = {
                   "pip install '.[keras,tensorflow]'", environment=(("KERAS_BACKEND", "tensorflow"),)),
         Framework("lightning", "implementations.lightning.trainer:LightningTrainer", ("torch", "pytorch_lightning"),
                   "pip install '.[lightning]'"),
+        Framework("haskell", "implementations.haskell.trainer:HaskellTrainer", (),
+                  "apt-get install -y ghc libghc-hmatrix-dev libghc-vector-dev libopenblas-dev cabal-install && "
+                  "implementations/haskell/build.sh", programs=("implementations/haskell/bin/mnist-resnet",)),
     )
 }
 
 
 def missing_packages(framework: Framework) -> list[str]:
-    return [name for name in framework.requires if importlib.util.find_spec(name) is None]
+    missing = [name for name in framework.requires if importlib.util.find_spec(name) is None]
+    return missing + [path for path in framework.programs if not (REPO / path).is_file()]
 
 
 def load_trainer_class(module: str):
