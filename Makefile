@@ -15,13 +15,25 @@ ARGS ?=
 
 .PHONY: setup bench test
 
-setup: $(STAMP)
+# The Rust row (burn) where cargo is present: its PyO3 extension, built in release mode into the same environment, with
+# burn's CUDA backend (for CUDA 12.6, as the other frameworks) where they get their CUDA builds. cargo keeps its build
+# in $(BURN)/target: a rebuild compiles only what changed. Without cargo the row is skipped as "not installed", with
+# the command that installs Rust.
+BURN := implementations/rust_burn
+BURN_STAMP := $(VENV)/.installed-burn-$(EXTRAS)
+
+setup: $(STAMP) $(if $(shell command -v cargo),$(BURN_STAMP))
 
 # Re-installs only when the packaging changes; an existing environment is reused.
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet $(PIP_INDEX) --editable '.[$(EXTRAS),dev]'
+	touch $@
+
+$(BURN_STAMP): $(STAMP) $(BURN)/Cargo.toml $(BURN)/Cargo.lock $(BURN)/pyproject.toml $(BURN)/src/lib.rs
+	$(if $(filter gpu,$(EXTRAS)),CUDARC_CUDA_VERSION=12060 MATURIN_PEP517_ARGS="--features cuda") \
+	    $(PYTHON) -m pip install --quiet ./$(BURN)
 	touch $@
 
 bench: setup

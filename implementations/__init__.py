@@ -27,6 +27,9 @@ FRAMEWORKS = {
         Framework("jax", "implementations.jax_haiku.trainer:HaikuTrainer", ("jax", "haiku", "optax"), "pip install '.[jax]'"),
         Framework("lightning", "implementations.lightning.trainer:LightningTrainer", ("torch", "pytorch_lightning"),
                   "pip install '.[lightning]'"),
+        # Rust: a PyO3 extension that `make setup` builds where cargo is present.
+        Framework("burn", "implementations.rust_burn.trainer:BurnTrainer", ("mnist_burn",),
+                  "install Rust (curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh), then make setup"),
     )
 }
 
