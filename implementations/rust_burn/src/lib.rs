@@ -8,15 +8,17 @@
 use std::collections::HashMap;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, RunningState};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
-use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{
+    PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods,
+};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -68,7 +70,14 @@ impl BatchNorm {
     }
 }
 
-fn conv(in_channels: usize, out_channels: usize, kernel: usize, stride: usize, padding: usize, device: &Device) -> Conv2d {
+fn conv(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    device: &Device,
+) -> Conv2d {
     Conv2dConfig::new([in_channels, out_channels], [kernel, kernel])
         .with_stride([stride, stride])
         .with_padding(PaddingConfig2d::Explicit(padding, padding, padding, padding))
@@ -159,16 +168,20 @@ impl ResNet18 {
 fn select_device(name: &str) -> PyResult<Device> {
     match name {
         "cpu" => Ok(Device::flex()),
-        #[allow(deprecated)]
-        "ndarray" => Ok(Device::ndarray()), // MEASURE-ONLY
         #[cfg(feature = "cuda")]
         "cuda" => Ok(Device::cuda(0)),
-        _ => Err(PyValueError::new_err(format!("--device {name}: this build of the burn extension has the backends \
-                                                {BACKENDS:?} (rebuild with `--features cuda` for CUDA)"))),
+        _ => Err(PyValueError::new_err(format!(
+            "--device {name}: this build of the burn extension has the backends {BACKENDS:?} \
+             (rebuild with `--features cuda` for CUDA)"
+        ))),
     }
 }
 
-const BACKENDS: &[&str] = &["cpu", #[cfg(feature = "cuda")] "cuda"];
+const BACKENDS: &[&str] = &[
+    "cpu",
+    #[cfg(feature = "cuda")]
+    "cuda",
+];
 
 // --- State -----------------------------------------------------------------------------------------------------------
 /// Model, optimizer and device-resident data; the Python page's `BurnTrainer` drives it.
@@ -283,9 +296,17 @@ impl Trainer {
 impl Trainer {
     /// Trains on `batches` ([steps, batch] indices from the contract), without the GIL; returns the mean loss and the
     /// labels the steps consumed, in order (read back after the loss: the epoch is done on the device).
-    fn train_epoch<'py>(&mut self, py: Python<'py>, batches: PyReadonlyArray2<i64>) -> PyResult<(f32, Bound<'py, PyArray1<i64>>)> {
+    fn train_epoch<'py>(
+        &mut self,
+        py: Python<'py>,
+        batches: PyReadonlyArray2<i64>,
+    ) -> PyResult<(f32, Bound<'py, PyArray1<i64>>)> {
         let [steps, batch] = [batches.shape()[0], batches.shape()[1]];
-        let batches = int_tensor::<2>(batches.as_array().iter().copied().collect(), &[steps, batch], &self.device.clone().inner())?;
+        let batches = int_tensor::<2>(
+            batches.as_array().iter().copied().collect(),
+            &[steps, batch],
+            &self.device.clone().inner(),
+        )?;
         let (mean_loss, consumed) = py.detach(|| {
             let (mut losses, mut consumed) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
             for step in 0..steps {
@@ -304,7 +325,12 @@ impl Trainer {
 // --- Evaluation ------------------------------------------------------------------------------------------------------
 impl Trainer {
     /// (summed loss, correct count) of one evaluation batch, on the device.
-    fn device_eval_step(&self, model: &ResNet18, images: Tensor<4>, labels: Tensor<1, Int>) -> (Tensor<1>, Tensor<1, Int>) {
+    fn device_eval_step(
+        &self,
+        model: &ResNet18,
+        images: Tensor<4>,
+        labels: Tensor<1, Int>,
+    ) -> (Tensor<1>, Tensor<1, Int>) {
         let logits = model.forward(images);
         let [batch, _] = logits.dims();
         let correct = logits.clone().argmax(1).reshape([batch]).equal(labels.clone()).int().sum();
@@ -334,7 +360,12 @@ impl Trainer {
     }
 
     /// [B, 10] logits of a host batch; `train`: with batch statistics, which also updates the running ones.
-    fn logits<'py>(&self, py: Python<'py>, images: PyReadonlyArrayDyn<f32>, train: bool) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    fn logits<'py>(
+        &self,
+        py: Python<'py>,
+        images: PyReadonlyArrayDyn<f32>,
+        train: bool,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let logits = match train {
             true => self.model.forward(float_tensor(&images, &self.device)?),
             false => self.model.valid().forward(float_tensor(&images, &self.device.clone().inner())?),
@@ -416,12 +447,13 @@ fn to_numpy<'py>(py: Python<'py>, data: TensorData) -> PyResult<Bound<'py, PyArr
 
 #[pymethods]
 impl Trainer {
-    /// Start afresh from canonical weights (checked by the Python page): model, BatchNorm statistics, optimizer, step 0.
+    /// Start afresh from canonical weights (checked by the Python page): model, BatchNorm statistics, optimizer, step 0
     fn import_weights(&mut self, weights: HashMap<String, PyReadonlyArrayDyn<f32>>) -> PyResult<()> {
         let weights = weights
             .into_iter()
             .map(|(name, array)| {
-                let data = TensorData::new(array.as_array().iter().copied().collect::<Vec<f32>>(), array.shape().to_vec());
+                let data =
+                    TensorData::new(array.as_array().iter().copied().collect::<Vec<f32>>(), array.shape().to_vec());
                 (name, data)
             })
             .collect();
