@@ -15,8 +15,16 @@ ARGS ?=
 
 .PHONY: setup bench test
 
+# The Rust row (burn) where cargo is present: its PyO3 extension, built in release mode into the same environment, with
+# burn's CUDA backend (for CUDA 12.6, as the other frameworks) where they get their CUDA builds. cargo keeps its build
+# in the user's cache (CARGO_TARGET_DIR): a rebuild, also from a fresh clone, compiles only what changed. Without cargo
+# the row is skipped as "not installed", with the command that installs Rust.
+BURN := implementations/rust_burn
+BURN_STAMP := $(VENV)/.installed-burn-$(EXTRAS)
+export CARGO_TARGET_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mnist-in-every-framework/cargo-target
+
 # The Haskell row's program is (re)built on every set-up: cabal reuses an existing build.
-setup: $(STAMP)
+setup: $(STAMP) $(if $(shell command -v cargo),$(BURN_STAMP))
 	sh implementations/haskell/setup.sh
 
 # Re-installs only when the packaging changes; an existing environment is reused.
@@ -24,6 +32,11 @@ $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet $(PIP_INDEX) --editable '.[$(EXTRAS),dev]'
+	touch $@
+
+$(BURN_STAMP): $(STAMP) $(BURN)/Cargo.toml $(BURN)/Cargo.lock $(BURN)/pyproject.toml $(BURN)/src/lib.rs
+	$(if $(filter gpu,$(EXTRAS)),CUDARC_CUDA_VERSION=12060 MATURIN_PEP517_ARGS="--features cuda") \
+	    $(PYTHON) -m pip install --quiet ./$(BURN)
 	touch $@
 
 bench: setup

@@ -42,6 +42,9 @@ FRAMEWORKS = {
         Framework("haskell", "implementations.haskell.trainer:HaskellTrainer", (),
                   "apt-get install -y ghc libghc-hmatrix-dev libghc-vector-dev libopenblas-dev cabal-install && "
                   "implementations/haskell/build.sh", programs=("implementations/haskell/bin/mnist-resnet",)),
+        # Rust: a PyO3 extension that `make setup` builds where cargo is present.
+        Framework("burn", "implementations.rust_burn.trainer:BurnTrainer", ("mnist_burn",),
+                  "install Rust (curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh), then make setup"),
     )
 }
 
