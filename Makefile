@@ -44,5 +44,6 @@ bench: setup
 	$(PYTHON) -m pytest bench --benchmark-autosave --benchmark-storage=$(HISTORY) $(ARGS)
 
 test: setup
+	$(if $(shell command -v cabal),sh implementations/haskell/build.sh test)
 	$(PYTHON) -m pytest tests
 	PATH="$(abspath $(VENV))/bin:$$PATH" sh bench/smoke-gate.sh $(ARGS)

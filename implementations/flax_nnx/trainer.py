@@ -124,10 +124,10 @@ def make_optimizer(model: ResNet18, learning_rate: optax.Schedule) -> nnx.Optimi
     return nnx.Optimizer(model, optax.sgd(learning_rate, momentum=contract.SGD_MOMENTUM), wrt=nnx.Param)
 
 
-# --- Train step ------------------------------------------------------------------------------------------------------
+# The Flax examples' pure steps, compiled by nnx.jit; the trainer's device_train_step and device_eval_step run them.
 # The model and optimizer are donated: XLA updates parameters, statistics and momentum in place.
 @nnx.jit(donate_argnames=("model", "optimizer"))
-def train_step(model: ResNet18, optimizer: nnx.Optimizer, images, labels):
+def update(model: ResNet18, optimizer: nnx.Optimizer, images, labels):
     def loss_fn(model):
         return optax.softmax_cross_entropy_with_integer_labels(model(images), labels).mean()
 
@@ -136,9 +136,8 @@ def train_step(model: ResNet18, optimizer: nnx.Optimizer, images, labels):
     return loss
 
 
-# --- Evaluation ------------------------------------------------------------------------------------------------------
 @nnx.jit
-def eval_step(model: ResNet18, images, labels):
+def eval_batch(model: ResNet18, images, labels):
     logits = model(images)
     loss_sum = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
     return loss_sum, (logits.argmax(-1) == labels).sum()
@@ -149,7 +148,6 @@ def forward(model: ResNet18, images):
     return model(images)
 
 
-# --- Trainer: the contract's methods, over the NNX modules above -----------------------------------------------------
 class FlaxTrainer(contract.Trainer):
 
     def build(self, weights):
@@ -182,7 +180,7 @@ class FlaxTrainer(contract.Trainer):
 
     # --- Train step --------------------------------------------------------------------------------------------------
     def device_train_step(self, images, labels):
-        return train_step(self.model, self.optimizer, images, labels)
+        return update(self.model, self.optimizer, images, labels)
 
     def train_step(self, images, labels):
         self.model.train()  # BatchNorm normalizes with, and updates, batch statistics
@@ -207,7 +205,7 @@ class FlaxTrainer(contract.Trainer):
 
     # --- Evaluation --------------------------------------------------------------------------------------------------
     def device_eval_step(self, images, labels):
-        return eval_step(self.model, images, labels)
+        return eval_batch(self.model, images, labels)
 
     def evaluate(self):
         self.model.eval()  # BatchNorm normalizes with its running statistics
