@@ -136,12 +136,12 @@ def describe_first_divergence(framework, before, expected, actual, steps: int) -
     return problems
 
 
-@pytest.mark.parametrize("steps", [1, 2], ids=["one_step", "two_steps"])
 def train_steps(worker, batches) -> tuple[list[float], contract.Weights]:
     """The losses of SGD steps on `batches`, and the weights after them."""
     return [worker.call("train_step", images, labels) for images, labels in batches], worker.call("export_weights")
 
 
+@pytest.mark.parametrize("steps", [1, 2], ids=["one_step", "two_steps"])
 def test_first_steps(framework, other, expected, data, initial, steps):
     """SGD steps at the schedule's first rates: same losses, same new weights and running statistics.
 
