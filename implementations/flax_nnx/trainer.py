@@ -119,14 +119,9 @@ def select_device(requested: str) -> jax.Device:
 # --- State -----------------------------------------------------------------------------------------------------------
 # The model holds parameters (nnx.Param) and BatchNorm statistics (nnx.BatchStat); the nnx.Optimizer holds the momentum
 # buffers of the parameters and the step count that indexes the schedule.
-def make_sgd(learning_rate: optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(learning_rate: optax.Schedule) -> optax.GradientTransformation:
     # optax's trace is PyTorch's momentum: buf = 0.9 * buf + grad; params -= lr * buf.
     return optax.sgd(learning_rate, momentum=contract.SGD_MOMENTUM)
-
-
-def make_optimizer(model: ResNet18, sgd: optax.GradientTransformation) -> nnx.Optimizer:
-    # The transformation is static in the optimizer's graph, which nnx.jit caches on: a new one would mean a recompile.
-    return nnx.Optimizer(model, sgd, wrt=nnx.Param)
 
 
 # The Flax examples' pure steps, compiled by nnx.jit; the trainer's device_train_step and device_eval_step run them.
@@ -162,7 +157,9 @@ class FlaxTrainer(contract.Trainer):
         dtype = jnp.bfloat16 if self.config.precision == "bf16" else jnp.float32
         table = jnp.asarray(self.schedule)
         self.learning_rate = lambda count: table[count]  # optax's schedule: called with its step count, from 0
-        self.sgd = make_sgd(self.learning_rate)  # made once: every import_weights reuses it
+        # Made once: the transformation is static in the nnx.Optimizer's graph, which nnx.jit caches on, so a new one
+        # per import_weights would recompile the first step of every run.
+        self.sgd = make_optimizer(self.learning_rate)
         with jax.default_device(self.device):
             self.model = ResNet18(dtype, nnx.Rngs(0))  # Flax's own initialization, overwritten by import_weights
         # The whole dataset lives on the device, NHWC (transposed once here); an epoch only indexes it.
@@ -237,7 +234,7 @@ class FlaxTrainer(contract.Trainer):
     # --- Canonical weights -------------------------------------------------------------------------------------------
     def import_weights(self, weights):
         import_canonical(self.model, weights, self.device)
-        self.optimizer = make_optimizer(self.model, self.sgd)  # zero momentum, step 0
+        self.optimizer = nnx.Optimizer(self.model, self.sgd, wrt=nnx.Param)  # zero momentum, step 0
 
     def export_weights(self):
         return export_canonical(self.model)
