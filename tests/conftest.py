@@ -39,7 +39,8 @@ class WorkerPool:
     def get(self, framework, config: contract.RunConfig, replica: int = 0) -> FrameworkWorker:
         key = (framework.name, config, replica)
         if key not in self.workers:
-            self.close(keep={framework.name, "pytorch"})
+            if framework.name != "pytorch":  # the reference's worker never closes the framework under test
+                self.close(keep={framework.name, "pytorch"})
             worker = FrameworkWorker(framework.name, framework.module, timeout_s=900, environment=framework.environment)
             try:
                 worker.call("build", config, self.mnist_dir, True)
