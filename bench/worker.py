@@ -72,12 +72,16 @@ def serve(connection, module: str, environment: tuple[tuple[str, str], ...], par
                 result = getattr(trainer, method)(*args)
             else:
                 raise RuntimeError(f"unknown worker call {method!r} (or 'build' was not called first)")
-            connection.send(("ok", result))
+            reply = ("ok", result)
         except BaseException as error:  # everything goes back to the benchmark process, which decides
             from implementations.contract import ConfigError
 
             expected = isinstance(error, (BenchError, ConfigError))  # its message says it all: no traceback
-            connection.send(("error", f"{type(error).__name__}: {error}", "" if expected else traceback.format_exc()))
+            reply = ("error", f"{type(error).__name__}: {error}", "" if expected else traceback.format_exc())
+        try:
+            connection.send(reply)
+        except OSError:  # the benchmark process stopped listening mid-call (it was interrupted): nothing to say
+            return
 
 
 def build_trainer(module: str, config, mnist_dir, verify_digests: bool):
