@@ -8,11 +8,13 @@ history as if it had finished: what finished is kept as `<name>.partial.json`, m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +44,7 @@ class BenchSession:
     interrupted: bool = False
     records: list[RunRecord] = field(default_factory=list)
     matmul_rates: dict[str, MatmulRate] = field(default_factory=dict)  # per device kind, measured once
+    show: Callable[[str], None] = print  # a progress line on the terminal, past pytest's capture (pytest_configure)
 
     def matmul_rate(self, device: str) -> MatmulRate:
         kind = "cpu" if device == "CPU" else "cuda"
@@ -73,9 +76,24 @@ def pytest_configure(config):
         session.json_target.parent.mkdir(parents=True, exist_ok=True)
         session.json_partial = session.json_target.with_name(f".{session.json_target.name}.{os.getpid()}.partial")
         config.option.benchmark_json = session.json_partial
+    session.show = terminal_line(config)
     config.stash[SESSION] = session
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop_on_sigterm)
+
+
+def terminal_line(config) -> Callable[[str], None]:
+    """Write a line on the terminal from inside a test, as pytest's live logging does: past the output capture."""
+    def show(text: str) -> None:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        capture = config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None:
+            return
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            reporter.ensure_newline()
+            reporter.write_line(text)
+
+    return show
 
 
 def stop_on_sigterm(signum, frame):

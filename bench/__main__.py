@@ -86,13 +86,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
             task = progress.add_task("training", total=config.epochs)
 
             def show(run: FrameworkRun) -> None:
-                result, evaluation = run.epoch_results[-1], run.evaluations[-1]
-                progress.console.print(f"epoch {len(run.epoch_results)}: {run.epoch_seconds[-1]:.2f} s, "
-                                       f"{result.images / run.epoch_seconds[-1]:,.0f} images/s, train loss {result.mean_loss:.4f}, "
-                                       f"test accuracy {evaluation.accuracy:.2%}")
-                progress.update(task, advance=1, description=f"test accuracy {evaluation.accuracy:.2%}")
+                progress.console.print(run.last_epoch_line())
+                progress.update(task, advance=1, description=f"test accuracy {run.evaluations[-1].accuracy:.2%}")
 
-            run.train(on_epoch=show)
+            run.on_epoch = show
+            run.train()
         record = run.record()
     console.print(summary_table([record]))
     console.print(f"epoch times: {', '.join(f'{s:.2f}' for s in record.epoch_seconds)} s "

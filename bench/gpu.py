@@ -1,4 +1,4 @@
-"""GPU memory of one process, as the driver sees it: NVML sampled from a thread of the benchmark process.
+"""GPU memory of a worker's processes, as the driver sees it: NVML sampled from a thread of the benchmark process.
 
 This counts everything the worker holds on the GPU (CUDA context, allocator pools, cuDNN/XLA workspaces), which the
 frameworks' own allocator peaks do not. Without a GPU or the NVML library the peak is None and `note` says why.
@@ -12,8 +12,8 @@ SAMPLE_INTERVAL_S = 0.05
 
 
 class GpuMemorySampler:
-    def __init__(self, pid: int):
-        self.pid = pid
+    def __init__(self, pids: list[int]):
+        self.pids = pids
         self.peak_bytes: int | None = None
         self.note = ""
         self._stop = threading.Event()
@@ -31,11 +31,11 @@ class GpuMemorySampler:
             self.note = "no GPU memory figures: NVML sees no GPU"
 
     def used_bytes(self) -> int | None:
-        """The worker's GPU memory summed over all GPUs now; None if NVML does not list the process."""
+        """The worker's GPU memory summed over its processes and all GPUs now; None if NVML lists none of them."""
         used = None
         for handle in self._handles:
             for process in self._nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if process.pid == self.pid and process.usedGpuMemory is not None:
+                if process.pid in self.pids and process.usedGpuMemory is not None:
                     used = (used or 0) + process.usedGpuMemory
         return used
 
@@ -52,7 +52,7 @@ class GpuMemorySampler:
 
     def __enter__(self):
         if self._handles:
-            self._thread = threading.Thread(target=self._sample, name=f"nvml-{self.pid}", daemon=True)
+            self._thread = threading.Thread(target=self._sample, name=f"nvml-{self.pids[0]}", daemon=True)
             self._thread.start()
         return self
 
@@ -65,7 +65,8 @@ class GpuMemorySampler:
             self._stop.set()
             self._thread.join()
             if self.peak_bytes is None and not self.note:
-                self.note = (f"NVML never listed the worker (pid {self.pid}) as a GPU process: it used no GPU, or it runs "
+                pids = ", ".join(map(str, self.pids))
+                self.note = (f"NVML never listed the worker (pid {pids}) as a GPU process: it used no GPU, or it runs "
                              "in a container without --pid=host, where NVML reports host PIDs")
             self._nvml.nvmlShutdown()
             self._thread = None

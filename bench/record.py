@@ -52,6 +52,8 @@ class RunRecord:
     framework: str  # the name the run was asked for: the registry's, or --framework-module's
     framework_version: str | None = None
     device: str | None = None
+    devices: list[str] = field(default_factory=list)  # with --replicas: one per replica (empty: the one `device`)
+    threads_per_replica: int | None = None  # with --replicas on a CPU: the compute threads each replica may use
     config: dict | None = None  # contract.RunConfig.as_dict()
     train_images: int | None = None  # per epoch (whole batches)
     epoch_seconds: list[float] = field(default_factory=list)  # each train_epoch call as the harness timed it
@@ -82,10 +84,25 @@ class RunRecord:
         return statistics.median(self.epoch_seconds) if self.epoch_seconds else None
 
     @property
+    def replicas(self) -> int:
+        return (self.config or {}).get("replicas", 1)
+
+    @property
     def images_per_second(self) -> float | None:
         if not self.epoch_seconds or self.train_images is None:
             return None
         return self.train_images * self.epochs / sum(self.epoch_seconds)
+
+    @property
+    def images_per_second_per_replica(self) -> float | None:
+        return None if self.images_per_second is None else self.images_per_second / self.replicas
+
+    def scaling_efficiency(self, single: RunRecord) -> float | None:
+        """Throughput over `replicas` times that of `single`, the same framework's one-replica run on the same device:
+        1.0 is perfect scaling."""
+        if self.images_per_second is None or single.images_per_second is None:
+            return None
+        return self.images_per_second / (self.replicas * single.images_per_second)
 
     @property
     def harness_overhead(self) -> float | None:
@@ -124,8 +141,8 @@ class RunRecord:
             return self.gpu_memory_peak_bytes, "GPU"
         return self.peak_rss_bytes, "RSS"
 
-    DERIVED = ("epochs", "median_epoch_seconds", "images_per_second", "harness_overhead", "time_to_target_s",
-               "achieved_flops_per_second", "matmul_utilization")
+    DERIVED = ("epochs", "replicas", "median_epoch_seconds", "images_per_second", "images_per_second_per_replica",
+               "harness_overhead", "time_to_target_s", "achieved_flops_per_second", "matmul_utilization")
 
     def to_json(self) -> dict:
         """The stored fields and, for readers of the JSON, the figures derived from them."""
@@ -182,7 +199,10 @@ FIELD_RULES = {  # field -> (check, what a valid value is)
     "framework": (lambda value: isinstance(value, str) and bool(value), "a name"),
     "framework_version": (text, "a string"),
     "device": (text, "a string"),
-    "config": (lambda value: isinstance(value, dict), "an object (the run configuration)"),
+    "devices": list_of(text, "strings"),
+    "threads_per_replica": (lambda value: count(value) and value > 0, "a positive integer"),
+    "config": (lambda value: isinstance(value, dict) and count(value.get("replicas", 1)) and value.get("replicas", 1) > 0,
+               "an object (the run configuration, with a positive number of replicas)"),
     "train_images": (count, "a non-negative integer"),
     "epoch_seconds": list_of(positive, "positive finite seconds"),
     "worker_epoch_seconds": list_of(positive, "positive finite seconds"),

@@ -92,6 +92,25 @@ def history_table(frameworks: Series) -> str:
     return markdown_table(HISTORY_COLUMNS, rows)
 
 
+SCALING_COLUMNS = ("framework", "run", "replicas", "devices", "threads per replica", "images/s", "per replica",
+                   "scaling efficiency")
+
+
+def scaling_table(frameworks: Series) -> str | None:
+    """Each data-parallel run beside the same framework's latest one-replica run on this device (None: no such run)."""
+    rows = []
+    for framework, entries in frameworks.items():
+        singles = [record for _, record in entries if record.replicas == 1]
+        for run, record in entries:
+            if record.replicas > 1:
+                per_replica = record.images_per_second_per_replica
+                rows.append([framework, run.label, record.replicas, ", ".join(record.devices) or NONE,
+                             record.threads_per_replica or NONE, images_per_second(record),
+                             NONE if per_replica is None else f"{per_replica:,.0f}",
+                             percent(record.scaling_efficiency(singles[-1]), 0) if singles else NONE])
+    return markdown_table(SCALING_COLUMNS, rows) if rows else None
+
+
 def config_changes(frameworks: Series) -> list[str]:
     """The run options that vary within each framework's series: what makes an epoch time differ besides the code."""
     notes = []
@@ -123,6 +142,9 @@ def report_text(runs: list[RunFile]) -> str:
         if len(runs_of(frameworks)) > 1:
             parts.append(f"## History on {device}\n\n{history_table(frameworks)}")
             parts += [f"note: {note}" for note in config_changes(frameworks)]
+        scaling = scaling_table(frameworks)
+        if scaling:
+            parts.append(f"## Data parallel on {device}: throughput against one replica\n\n{scaling}")
     return "\n\n".join(parts)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bench.errors import BenchError
@@ -54,6 +55,7 @@ class FrameworkRun:
     epoch_results: list[contract.EpochResult] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)  # wall time of each train_epoch call, seen from here
     evaluations: list[contract.Evaluation] = field(default_factory=list)  # after each epoch
+    on_epoch: Callable[[FrameworkRun], None] | None = None  # after each epoch's evaluation: progress display
     worker: FrameworkWorker | None = None
     gpu: GpuMemorySampler | None = None
     resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
@@ -61,8 +63,9 @@ class FrameworkRun:
     def __enter__(self) -> FrameworkRun:
         with self.resources as resources:  # on an error here, closes what was opened so far
             self.worker = resources.enter_context(FrameworkWorker(
-                self.framework.name, self.framework.module, self.timeout_s, self.framework.environment))
-            self.gpu = resources.enter_context(GpuMemorySampler(self.worker.pid))
+                self.framework.name, self.framework.module, self.timeout_s, self.framework.environment,
+                self.framework.worker_ranks(self.config.replicas)))
+            self.gpu = resources.enter_context(GpuMemorySampler(self.worker.pids))
             self.worker.call("build", self.config, self.mnist_dir, self.verify_digests)
             self.environment = self.worker.call("environment")
             self.resources = resources.pop_all()
@@ -87,14 +90,21 @@ class FrameworkRun:
         """Evaluate the last trained epoch unless done already: pytest-benchmark's untimed setup between rounds."""
         if len(self.evaluations) < len(self.epoch_results):
             self.evaluations.append(self.worker.call("evaluate"))
+            if self.on_epoch:
+                self.on_epoch(self)
 
-    def train(self, on_epoch=None) -> None:
-        """All epochs, each followed by its evaluation; on_epoch(run) after each (progress display)."""
+    def train(self) -> None:
+        """All epochs, each followed by its evaluation."""
         for _ in range(self.config.epochs):
             self.train_epoch()
             self.evaluate_new_epoch()
-            if on_epoch:
-                on_epoch(self)
+
+    def last_epoch_line(self) -> str:
+        """The last evaluated epoch in one line: what progress displays show."""
+        epoch = len(self.evaluations)
+        result, seconds, evaluation = self.epoch_results[epoch - 1], self.epoch_seconds[epoch - 1], self.evaluations[-1]
+        return (f"epoch {epoch}/{self.config.epochs}: {seconds:.2f} s, {result.images / seconds:,.0f} images/s, "
+                f"train loss {result.mean_loss:.4f}, test accuracy {evaluation.accuracy:.2%}")
 
     def record(self) -> RunRecord:
         """Everything measured. Stops the GPU memory sampler: call it once, after the last epoch."""
@@ -105,6 +115,8 @@ class FrameworkRun:
             framework=self.framework.name,
             framework_version=self.environment.get("framework_version"),
             device=self.environment.get("device"),
+            devices=self.environment.get("devices", []),
+            threads_per_replica=self.environment.get("threads_per_replica"),
             config=self.config.as_dict(),
             train_images=self.epoch_results[0].images if self.epoch_results else None,
             epoch_seconds=self.epoch_seconds,

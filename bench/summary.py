@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bench.record import RunRecord
 
-COLUMNS = ("framework", "version", "device", "epochs", "median epoch s", "images/s", "test accuracy",
+COLUMNS = ("framework", "version", "device", "replicas", "epochs", "median epoch s", "images/s", "test accuracy",
            "time to target s", "peak memory", "model TFLOP/s", "of matmul", "harness overhead", "vs fastest")
 NONE = "–"
 
@@ -60,8 +60,8 @@ def summary_table(records: list[RunRecord]) -> str:
     for record in records:
         best, median = fastest.get(record.device), record.median_epoch_seconds
         rows.append([
-            record.framework, record.framework_version or "?", record.device or "?", record.epochs, seconds(median),
-            images_per_second(record), percent(record.test_accuracy), time_to_target(record), peak_memory(record),
+            record.framework, record.framework_version or "?", record.device or "?", record.replicas, record.epochs,
+            seconds(median), images_per_second(record), percent(record.test_accuracy), time_to_target(record), peak_memory(record),
             teraflops(record.achieved_flops_per_second), percent(record.matmul_utilization, 0),
             percent(record.harness_overhead, 1), NONE if not median or best is None else f"{best / median:.2f}×",
         ])

@@ -7,24 +7,30 @@ asserts the accuracy target, so a fast but wrong implementation fails here.
 import pytest
 
 from bench.run import FrameworkRun, accuracy_failure
-from bench.worker import WorkerError
+from bench.worker import UnsupportedRun, WorkerError
 
 
 def test_train(benchmark, framework, bench_session):
     config = bench_session.run_config
     benchmark.group = f"mnist-resnet18 epoch time (batch {config.batch_size})"
+    show = lambda line: bench_session.show(f"{framework.name}: {line}")  # progress, on the terminal
     run = FrameworkRun(framework, config, bench_session.mnist_dir, bench_session.verify_digests,
-                       bench_session.worker_timeout_s)
+                       bench_session.worker_timeout_s, on_epoch=lambda run: show(run.last_epoch_line()))
     failure = None
     try:
         with run:
             run.matmul = bench_session.matmul_rate(run.environment["device"])
+            show(f"{run.environment['framework_version']} on {run.environment['device']}; warming up")
             run.warm_up()
+            show(f"warm-up {run.warmup_s:.1f} s; {config.epochs} timed epoch(s) of "
+                 f"{config.train_subset or 'all'} training images")
             benchmark.pedantic(run.train_epoch, setup=run.evaluate_new_epoch, rounds=config.epochs, iterations=1)
             while len(run.epoch_results) < config.epochs:  # --benchmark-disable runs the rounds' function once
                 run.train_epoch()
                 run.evaluate_new_epoch()
             record = run.record()
+    except UnsupportedRun as error:
+        pytest.skip(str(error))
     except WorkerError as error:
         failure = str(error)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: pytest-benchmark marks only Exceptions, so drop the cut-short entry

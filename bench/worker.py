@@ -14,9 +14,11 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import multiprocessing
+import multiprocessing.connection
 import os
 import resource
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -34,6 +36,10 @@ TRAINER_METHODS = frozenset({
 
 class WorkerError(BenchError):
     """The framework's worker failed: it raised, crashed, or ran past its time limit."""
+
+
+class UnsupportedRun(WorkerError):
+    """The framework cannot run this configuration (contract.Unsupported): skipped, not failed."""
 
 
 def exit_with_parent(parent_pid: int) -> None:
@@ -74,10 +80,11 @@ def serve(connection, module: str, environment: tuple[tuple[str, str], ...], par
                 raise RuntimeError(f"unknown worker call {method!r} (or 'build' was not called first)")
             reply = ("ok", result)
         except BaseException as error:  # everything goes back to the benchmark process, which decides
-            from implementations.contract import ConfigError
+            from implementations.contract import ConfigError, Unsupported
 
             expected = isinstance(error, (BenchError, ConfigError))  # its message says it all: no traceback
-            reply = ("error", f"{type(error).__name__}: {error}", "" if expected else traceback.format_exc())
+            kind = "unsupported" if isinstance(error, Unsupported) else "error"
+            reply = (kind, f"{type(error).__name__}: {error}", "" if expected else traceback.format_exc())
         try:
             connection.send(reply)
         except OSError:  # the benchmark process stopped listening mid-call (it was interrupted): nothing to say
@@ -94,64 +101,121 @@ def build_trainer(module: str, config, mnist_dir, verify_digests: bool):
 
 
 class FrameworkWorker:
-    """A spawned process serving one framework's trainer. Use as a context manager, or call close()."""
+    """Spawned processes serving one framework's trainer: one, or one per replica where the framework's data-parallel
+    engine runs a process per replica (torch.distributed). Ranks get torchrun's environment variables and run every
+    call, as torchrun's ranks all run one program; rank 0's result comes back. Use as a context manager, or close()."""
 
     def __init__(self, framework: str, module: str, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
-                 environment: tuple[tuple[str, str], ...] = ()):
+                 environment: tuple[tuple[str, str], ...] = (), ranks: int = 1):
         self.framework, self.timeout_s = framework, timeout_s
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no framework state inherited
-        self.connection, child_end = context.Pipe()
-        self.process = context.Process(target=serve, args=(child_end, module, environment, os.getpid()),
-                                       name=f"bench-{framework}", daemon=True)
-        self.process.start()
-        child_end.close()
+        port = free_port() if ranks > 1 else None
+        self.ranks = []  # (process, connection), rank 0 first
+        for rank in range(ranks):
+            rank_environment = environment + (distributed_environment(rank, ranks, port) if ranks > 1 else ())
+            connection, child_end = context.Pipe()
+            process = context.Process(target=serve, args=(child_end, module, rank_environment, os.getpid()),
+                                      name=f"bench-{framework}" + (f"-rank{rank}" if ranks > 1 else ""), daemon=True)
+            process.start()
+            child_end.close()
+            self.ranks.append((process, connection))
+
+    @property
+    def process(self) -> multiprocessing.Process:
+        return self.ranks[0][0]  # rank 0: the one whose results come back
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process, _ in self.ranks]
+
     def call(self, method: str, *args, timeout_s: float | None = None):
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        try:
-            self.connection.send((method, args))
-            ready = self.connection.poll(timeout_s)
-            reply = self.connection.recv() if ready else None
-        except (EOFError, OSError):
-            raise self.died(method) from None
-        if reply is None:
+        deadline = time.monotonic() + timeout_s
+        for rank, (_, connection) in enumerate(self.ranks):
+            try:
+                connection.send((method, args))
+            except OSError:
+                raise self.died(rank, method) from None
+        pending, replies = dict(enumerate(connection for _, connection in self.ranks)), {}
+        while pending and all(reply[0] == "ok" for reply in replies.values()):
+            # Every rank at once: a rank that fails or dies ends the call, rather than the collectives' own timeout.
+            ready = multiprocessing.connection.wait(list(pending.values()), max(0.0, deadline - time.monotonic()))
+            if not ready:
+                self.close()
+                raise WorkerError(f"{self.framework}: '{method}' ran past its {timeout_s:.0f} s limit; the worker was "
+                                  "stopped (raise --worker-timeout if the run is just slow)")
+            for rank in [rank for rank, connection in pending.items() if connection in ready]:
+                try:
+                    replies[rank] = pending.pop(rank).recv()
+                except (EOFError, OSError):
+                    raise self.died(rank, method) from None
+        if pending:  # a rank failed: the others may be waiting for it in a collective
             self.close()
-            raise WorkerError(f"{self.framework}: '{method}' ran past its {timeout_s:.0f} s limit; the worker was stopped "
-                              "(raise --worker-timeout if the run is just slow)")
-        if reply[0] == "error":
-            _, message, remote_traceback = reply
-            raise WorkerError(f"{self.framework}: '{method}' failed in the worker: {message}\n{remote_traceback}".rstrip())
-        return reply[1]
+        for rank in sorted(replies):
+            kind, *content = replies[rank]
+            if kind == "unsupported":
+                raise UnsupportedRun(f"{self.framework}: {content[0]}")
+            if kind == "error":
+                message, remote_traceback = content
+                where = f" (rank {rank})" if len(self.ranks) > 1 else ""
+                raise WorkerError(f"{self.framework}: '{method}' failed in the worker{where}: {message}\n"
+                                  f"{remote_traceback}".rstrip())
+        if method == "peak_rss_bytes":  # the ranks' memory adds up
+            return sum(reply[1] for reply in replies.values())
+        return replies[0][1]
 
-    def died(self, method: str) -> WorkerError:
-        self.process.join(5)
-        code = self.process.exitcode
+    def died(self, rank: int, method: str) -> WorkerError:
+        process = self.ranks[rank][0]
+        process.join(5)
+        code = process.exitcode
         if code is not None and code < 0:
             name = signal.Signals(-code).name
             cause = " (the kernel's out-of-memory killer sends this)" if -code == signal.SIGKILL else ""
             how = f"was killed by {name}{cause}"
         else:
             how = f"exited with code {code}"
-        return WorkerError(f"{self.framework}: the worker process (pid {self.pid}) {how} during '{method}'")
+        which = f", rank {rank} of {len(self.ranks)}" if len(self.ranks) > 1 else ""
+        error = WorkerError(f"{self.framework}: the worker process (pid {process.pid}{which}) {how} during '{method}'")
+        self.close()
+        return error
 
     def close(self) -> None:
         """Stop the worker: an idle one reads the closed pipe and exits; a busy one is terminated, then killed."""
-        self.connection.close()
-        self.process.join(SHUTDOWN_GRACE_S)
-        for stop in (self.process.terminate, self.process.kill):
-            if self.process.is_alive():
-                stop()
-                self.process.join(SHUTDOWN_GRACE_S)
+        for _, connection in self.ranks:
+            connection.close()
+        for stop in (None, multiprocessing.Process.terminate, multiprocessing.Process.kill):
+            deadline = time.monotonic() + SHUTDOWN_GRACE_S
+            for process, _ in self.ranks:
+                if stop and process.is_alive():
+                    stop(process)
+            for process, _ in self.ranks:
+                process.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now: the ranks' rendezvous (torchrun's MASTER_PORT)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def distributed_environment(rank: int, ranks: int, port: int) -> tuple[tuple[str, str], ...]:
+    """What torchrun sets for each rank of a one-machine job; the machine's cores are shared out between the ranks
+    (torchrun sets one thread per rank: on a 2-core machine, the same)."""
+    threads = max(1, len(os.sched_getaffinity(0)) // ranks)
+    return (("RANK", str(rank)), ("LOCAL_RANK", str(rank)), ("WORLD_SIZE", str(ranks)),
+            ("LOCAL_WORLD_SIZE", str(ranks)), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)),
+            ("OMP_NUM_THREADS", str(threads)))
 
 
 def trainer_class_problem(module: str) -> str | None:

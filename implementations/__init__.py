@@ -22,12 +22,19 @@ class Framework(NamedTuple):
     install_hint: str
     environment: tuple[tuple[str, str], ...] = ()  # variables the worker sets before it imports `module`
     programs: tuple[str, ...] = ()  # built files, from the repository root, that must exist: a compiled row's program
+    # Its data-parallel engine runs one process per replica (torch.distributed): the harness starts them, as torchrun.
+    process_per_replica: bool = False
+
+    def worker_ranks(self, replicas: int) -> int:
+        """How many worker processes a run on `replicas` replicas takes."""
+        return replicas if self.process_per_replica else 1
 
 
 FRAMEWORKS = {
     f.name: f
     for f in (
-        Framework("pytorch", "implementations.pytorch.trainer:TorchTrainer", ("torch",), "pip install '.[pytorch]'"),
+        Framework("pytorch", "implementations.pytorch.trainer:TorchTrainer", ("torch",), "pip install '.[pytorch]'",
+                  process_per_replica=True),
         Framework("tensorflow", "implementations.tensorflow.trainer:KerasTrainer", ("tensorflow",), "pip install '.[tensorflow]'"),
         Framework("jax", "implementations.jax_haiku.trainer:HaikuTrainer", ("jax", "haiku", "optax"), "pip install '.[jax]'"),
         Framework("flax", "implementations.flax_nnx.trainer:FlaxTrainer", ("jax", "flax", "optax"), "pip install '.[flax]'"),
@@ -38,7 +45,7 @@ FRAMEWORKS = {
         Framework("keras-tensorflow", "implementations.keras3.trainer:KerasTrainer", ("keras", "tensorflow"),
                   "pip install '.[keras,tensorflow]'", environment=(("KERAS_BACKEND", "tensorflow"),)),
         Framework("lightning", "implementations.lightning.trainer:LightningTrainer", ("torch", "pytorch_lightning"),
-                  "pip install '.[lightning]'"),
+                  "pip install '.[lightning]'", process_per_replica=True),
         Framework("haskell", "implementations.haskell.trainer:HaskellTrainer", (),
                   "apt-get install -y ghc libghc-hmatrix-dev libghc-vector-dev libopenblas-dev cabal-install && "
                   "implementations/haskell/build.sh", programs=("implementations/haskell/bin/mnist-resnet",)),

@@ -19,7 +19,7 @@ import abc
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
@@ -29,6 +29,11 @@ PAGE_SECTIONS = ("Model", "State", "Train step", "Epoch", "Evaluation", "Canonic
 
 class ConfigError(ValueError):
     """A run option, or a set of weights, that cannot be used; the message names it and says how to fix it."""
+
+
+class Unsupported(ConfigError):
+    """A valid run option that this framework cannot run (--replicas 2 where it has no data-parallel engine): the
+    harness skips the framework for it, saying so, rather than failing it."""
 
 
 # --- Recipe (identical in every framework) ---------------------------------------------------------------------------
@@ -65,10 +70,13 @@ class RunConfig:
     allow_tf32: bool = True  # CUDA only: TF32 tensor cores for fp32 matmuls/convolutions (off: strict fp32)
     compile: bool = False  # the framework's optional graph compiler: torch.compile, TensorFlow XLA (JAX always jits)
     train_subset: int | None = None  # first N training images; None: all 60,000
+    # Data parallel on the framework's own engine: each step's batch is split into `replicas` contiguous shards, one per
+    # replica (device), gradients are averaged and BatchNorm statistics taken over the whole batch: the same model.
+    replicas: int = 1
     min_accuracy: float = 0.993  # test accuracy the run must reach (fraction)
 
     def __post_init__(self):
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size}
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "replicas": self.replicas}
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{option(name)} must be a positive integer, got {value!r}")
@@ -82,6 +90,9 @@ class RunConfig:
         if self.train_subset is not None and self.train_subset < self.batch_size:
             raise ConfigError(f"--train-subset {self.train_subset} is smaller than --batch-size {self.batch_size}: "
                               "an epoch would have no full batch; raise the subset or lower the batch size")
+        if self.batch_size % self.replicas:
+            raise ConfigError(f"--batch-size {self.batch_size} does not split into --replicas {self.replicas} equal "
+                              "shards: choose a number of replicas that divides the batch size")
         if self.device not in DEVICES:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.precision not in PRECISIONS:
@@ -154,6 +165,11 @@ def epoch_batches(seed: int, epoch: int, num_train: int, batch_size: int) -> np.
     order = np.random.default_rng([seed, epoch]).permutation(num_train)
     steps = steps_per_epoch(num_train, batch_size)
     return order[: steps * batch_size].reshape(steps, batch_size)
+
+
+def replica_shard(size: int, replica: int, replicas: int) -> slice:
+    """The contiguous part of a batch (or of the test set) that one data-parallel replica takes: replica 0 the first."""
+    return slice(replica * size // replicas, (replica + 1) * size // replicas)
 
 
 def label_digest(labels) -> str:
@@ -313,8 +329,14 @@ class Trainer(abc.ABC):
     data: Data
     weights: Weights
     schedule: np.ndarray = field(init=False)
+    # The framework's data-parallel engine, in a few words (e.g. "jax.sharding: jit over a device mesh"); None: the
+    # trainer runs on one device only and refuses --replicas above 1.
+    data_parallel: ClassVar[str | None] = None
 
     def __post_init__(self):
+        if self.config.replicas > 1 and not self.data_parallel:
+            raise Unsupported(f"--replicas {self.config.replicas}: {type(self).__name__} has no data-parallel engine; "
+                              "it runs with --replicas 1 only")
         self.schedule = learning_rate_table(self.config, len(self.data.train_labels))
         self.build(self.weights)
 
@@ -324,7 +346,8 @@ class Trainer(abc.ABC):
 
     @abc.abstractmethod
     def environment(self) -> dict:
-        """{"framework_version": ..., "device": human-readable device name}."""
+        """{"framework_version": ..., "device": human-readable device name}; with replicas, also "devices" (one name
+        per replica) and "threads_per_replica" (the compute threads each replica may use)."""
 
     @abc.abstractmethod
     def import_weights(self, weights: Weights) -> None:

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import pytest
 
-from bench.worker import FrameworkWorker
+from bench.worker import FrameworkWorker, UnsupportedRun
 from commands import run_python
 from implementations import contract
 
@@ -27,23 +27,31 @@ def mnist_dir(pytestconfig) -> str:
 
 
 class WorkerPool:
-    """One built worker per (framework, configuration, replica), started on first use.
+    """One built worker per (framework, configuration, copy), started on first use; a configuration the framework
+    cannot run (contract.Unsupported) is refused again without a new worker.
 
     Tests are grouped by framework (the parametrization is module-scoped): starting a framework's first worker closes
     those of the previous one, so only the PyTorch reference and the framework under test hold memory.
     """
 
     def __init__(self, mnist_dir: str):
-        self.mnist_dir, self.workers = mnist_dir, {}
+        self.mnist_dir, self.workers, self.unsupported = mnist_dir, {}, {}
 
-    def get(self, framework, config: contract.RunConfig, replica: int = 0) -> FrameworkWorker:
-        key = (framework.name, config, replica)
+    def get(self, framework, config: contract.RunConfig, copy: int = 0) -> FrameworkWorker:
+        key = (framework.name, config, copy)
+        if key in self.unsupported:
+            raise self.unsupported[key]
         if key not in self.workers:
             if framework.name != "pytorch":  # the reference's worker never closes the framework under test
                 self.close(keep={framework.name, "pytorch"})
-            worker = FrameworkWorker(framework.name, framework.module, timeout_s=900, environment=framework.environment)
+            worker = FrameworkWorker(framework.name, framework.module, timeout_s=900, environment=framework.environment,
+                                     ranks=framework.worker_ranks(config.replicas))
             try:
                 worker.call("build", config, self.mnist_dir, True)
+            except UnsupportedRun as error:
+                worker.close()
+                self.unsupported[key] = error
+                raise
             except BaseException:
                 worker.close()
                 raise

@@ -40,6 +40,7 @@ def test_failing_frameworks_fail_alone_with_clear_messages(real_session):
     assert "results written to" in output
     assert "raising: 'train_epoch' failed in the worker: RuntimeError" in output, output
     assert "selfkill: the worker process" in output and "was killed by SIGKILL" in output, output
+    assert "mine: warm-up " in output and "mine: epoch 2/2: " in output, "no progress lines: " + output
     assert [p.name for p in real_session.json_path.parent.iterdir() if p.is_file()] == ["run.json"], \
         "the temporary JSON was left behind"
 
@@ -68,6 +69,23 @@ def test_benchmark_json_has_per_epoch_rounds_and_every_field(real_session, mnist
         assert info["gpu_memory_peak_bytes"] is None and info["allocator_peak_bytes"] is None
         assert any("NVML" in note for note in info["notes"])
     assert RunRecord.from_json(info, "run.json").to_json() == info, "the record does not round-trip through JSON"
+
+
+def test_replicas_run_on_the_engine_of_each_framework_that_has_one_and_skip_the_others(tmp_path, mnist_dir):
+    """--replicas 2: PyTorch as two torch.distributed processes on localhost (gloo), recorded as two replicas; a
+    framework without a data-parallel engine is skipped, saying so."""
+    out = tmp_path / "run.json"
+    result = run_python("-m", "pytest", "bench", "--replicas", "2", "--preset", "smoke", "--epochs", "1",
+                        "--train-subset", "256", "--min-accuracy", "0", "--frameworks=pytorch,lightning",
+                        "--mnist-dir", mnist_dir, "-p", "no:cacheprovider", f"--benchmark-json={out}", "-rs")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed, 1 skipped" in result.stdout and "LightningTrainer has no data-parallel engine" in result.stdout
+    (entry,) = json.loads(out.read_text())["benchmarks"]
+    info = entry["extra_info"]
+    assert info["replicas"] == 2 and info["devices"] == ["CPU", "CPU"] and info["threads_per_replica"] >= 1
+    assert info["images_per_second_per_replica"] == pytest.approx(info["images_per_second"] / 2)
+    labels = load_mnist(mnist_dir).train_labels[:256]  # the two ranks' shards together are the contract's batches
+    assert info["epoch_label_digests"] == [contract.label_digest(labels[contract.epoch_batches(0, 0, 256, 128)])]
 
 
 def test_bench_modules_import_each_other_without_a_cycle():
@@ -130,7 +148,7 @@ def test_cli_run_prints_a_summary_and_keeps_the_record(tmp_path, mnist_dir):
             "--mnist-dir", mnist_dir, "--output", str(out)]
     result = run_python(*args)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "epoch 1:" in result.stdout and "images/s" in result.stdout and "| pytorch |" in result.stdout
+    assert "epoch 1/1:" in result.stdout and "images/s" in result.stdout and "| pytorch |" in result.stdout
     record = json.loads(out.read_text())
     assert record["epochs"] == 1 and RECORD_FIELDS <= set(record)
     again = run_python(*args)  # the record is never overwritten

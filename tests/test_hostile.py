@@ -29,6 +29,8 @@ HANG = "hang=faulty_trainers:HangingTrainer"
 BAD_OPTIONS = {  # options -> what the one line says
     ("--seed", "-1"): "--seed must be a non-negative integer",
     ("--batch-size", "1"): "--batch-size must be at least 2",
+    ("--replicas", "0"): "--replicas must be a positive integer",
+    ("--replicas", "3"): "--batch-size 128 does not split into --replicas 3 equal shards",
     ("--worker-timeout", "nan"): "argument --worker-timeout: positive, finite seconds, got 'nan'",
     ("--worker-timeout", "inf"): "argument --worker-timeout: positive, finite seconds, got 'inf'",
     ("--worker-timeout", "0"): "argument --worker-timeout: positive, finite seconds, got '0'",

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bench.data import load_mnist
+from bench.worker import UnsupportedRun
 from implementations import FRAMEWORKS, contract
 
 # The default run's configuration (its schedule warms up over 234 steps: the first steps train gently, so fp32 rounding
@@ -62,7 +63,7 @@ def initial():
 def other(framework, workers, initial):
     """The framework's worker, freshly reset to the canonical initial weights. The reference is checked against a
     second, independent PyTorch worker: its runs are reproducible."""
-    worker = workers.get(framework, CONFIG, replica=int(framework == REFERENCE))
+    worker = workers.get(framework, CONFIG, copy=int(framework == REFERENCE))
     worker.call("import_weights", initial)
     return worker
 
@@ -141,20 +142,36 @@ def train_steps(worker, batches) -> tuple[list[float], contract.Weights]:
     return [worker.call("train_step", images, labels) for images, labels in batches], worker.call("export_weights")
 
 
+@pytest.fixture
+def data_parallel(framework, workers, initial):
+    """The framework's worker training on 2 replicas of its data-parallel engine; skipped where it has none."""
+    try:
+        worker = workers.get(framework, CONFIG.with_options(replicas=2))
+    except UnsupportedRun as error:
+        pytest.skip(str(error))
+    worker.call("import_weights", initial)
+    return worker
+
+
 @pytest.mark.parametrize("steps", [1, 2], ids=["one_step", "two_steps"])
-def test_first_steps(framework, other, expected, data, initial, steps):
+@pytest.mark.parametrize("replicas", [1, 2], ids=["one_device", "two_replicas"])
+def test_first_steps(framework, replicas, request, expected, data, initial, steps):
     """SGD steps at the schedule's first rates: same losses, same new weights and running statistics.
 
-    The second step is where momentum formulations part: the buffer is no longer zero and the rate has doubled.
+    The second step is where momentum formulations part: the buffer is no longer zero and the rate has doubled. On two
+    replicas, each takes half of every batch: gradients and BatchNorm statistics over the whole batch make it the same
+    model, held to the same bounds against the reference on one device.
     """
+    worker = request.getfixturevalue("other" if replicas == 1 else "data_parallel")
     batches = first_batches(data, steps)
     expected_losses, expected_weights = expected(("steps", steps), lambda worker: train_steps(worker, batches))
-    losses, weights = train_steps(other, batches)
+    losses, weights = train_steps(worker, batches)
     expected_loss, loss = expected_losses[0], losses[0]  # later losses already depend on the first step's rounding
     assert abs(loss - expected_loss) <= LOSS_RTOL * abs(expected_loss), (
         f"{framework.name}: first-step loss {loss:.8f} vs PyTorch {expected_loss:.8f}")
     problems = describe_first_divergence(framework, initial, expected_weights, weights, steps)
-    assert not problems, (f"{len(problems)} tensor(s) diverged after {steps} step(s), first in model order:\n"
+    assert not problems, (f"{len(problems)} tensor(s) diverged after {steps} step(s) on {replicas} device(s), first "
+                          "in model order:\n"
                           + "\n".join(problems[:8]))
 
 

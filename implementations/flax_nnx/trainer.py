@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from implementations import contract
 
@@ -107,13 +108,38 @@ class ResNet18(nnx.Module):
         return self.fc(x.mean(axis=(1, 2))).astype(jnp.float32)
 
 
-def select_device(requested: str) -> jax.Device:
+def select_devices(requested: str, replicas: int) -> list[jax.Device]:
+    """One device per replica: GPUs where there are (or --device cuda), else the CPU."""
+    if replicas > 1:  # the CPU as N XLA host devices: set before the backend starts, harmless on a GPU machine
+        jax.config.update("jax_num_cpu_devices", replicas)
     if requested == "cpu":
-        return jax.devices("cpu")[0]
-    if requested == "cuda" and jax.default_backend() != "gpu":
+        devices = jax.devices("cpu")
+    elif requested == "cuda" and jax.default_backend() != "gpu":
         raise contract.ConfigError("--device cuda: JAX sees no CUDA GPU (install jax[cuda12] or jax[cuda13]); "
                                    "use --device cpu")
-    return jax.devices()[0]  # JAX's default backend: the GPU when there is one
+    else:
+        devices = jax.devices()  # JAX's default backend: the GPUs when there are
+    if len(devices) < replicas:
+        raise contract.ConfigError(f"--replicas {replicas}: JAX sees {len(devices)} {devices[0].platform} device(s); "
+                                   "lower --replicas")
+    return devices[:replicas]
+
+
+def data_parallel_shardings(devices: list[jax.Device]) -> tuple[NamedSharding, NamedSharding]:
+    """Data parallel with jax.sharding: the model, its state and the dataset replicated on every device, each batch
+    split into contiguous shards along a "batch" mesh axis. nnx.jit compiles the step for the global batch and XLA
+    inserts the all-reduces: gradients and BatchNorm's batch statistics are those of the whole batch."""
+    mesh = Mesh(np.array(devices), ("batch",))
+    return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
+
+
+def devices_environment(devices: list[jax.Device]) -> dict:
+    names = [device.device_kind if device.platform == "gpu" else "CPU" for device in devices]
+    if len(devices) == 1:
+        return {"device": names[0]}
+    # XLA:CPU's host devices share one thread pool of every core; a GPU replica is its GPU.
+    threads = len(os.sched_getaffinity(0)) if devices[0].platform == "cpu" else None
+    return {"device": names[0], "devices": names, "threads_per_replica": threads}
 
 
 # --- State -----------------------------------------------------------------------------------------------------------
@@ -149,9 +175,12 @@ def forward(model: ResNet18, images):
 
 
 class FlaxTrainer(contract.Trainer):
+    data_parallel = "jax.sharding: nnx.jit over a device mesh"
 
     def build(self, weights):
-        self.device = select_device(self.config.device)
+        self.devices = select_devices(self.config.device, self.config.replicas)
+        self.device = self.devices[0]
+        self.replicated, self.batch_sharding = data_parallel_shardings(self.devices)
         # fp32 matmuls and convolutions on GPU: TF32 tensor cores or strict fp32 (no effect on CPU).
         jax.config.update("jax_default_matmul_precision", "tensorfloat32" if self.config.allow_tf32 else "float32")
         dtype = jnp.bfloat16 if self.config.precision == "bf16" else jnp.float32
@@ -163,7 +192,7 @@ class FlaxTrainer(contract.Trainer):
         with jax.default_device(self.device):
             self.model = ResNet18(dtype, nnx.Rngs(0))  # Flax's own initialization, overwritten by import_weights
         # The whole dataset lives on the device, NHWC (transposed once here); an epoch only indexes it.
-        to_device = lambda array: jax.device_put(array, self.device)
+        to_device = lambda array: jax.device_put(array, self.replicated)
         self.train_images = to_device(contract.nhwc(self.data.train_images))
         self.train_labels = to_device(self.data.train_labels)
         self.test_images = to_device(contract.nhwc(self.data.test_images))
@@ -171,23 +200,23 @@ class FlaxTrainer(contract.Trainer):
         self.import_weights(weights)
 
     def environment(self):
-        name = self.device.device_kind if self.device.platform == "gpu" else "CPU"
         return {"framework_version": f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}",
-                "device": name}
+                **devices_environment(self.devices)}
 
     def warm_up(self):
         """The contract's warm-up (the step, one evaluation), and the epoch's gather of a batch from the device data."""
         super().warm_up()
-        indices = jax.device_put(self.epoch_batches(0)[0], self.device)
+        indices = jax.device_put(self.epoch_batches(0)[0], self.replicated)
         jax.block_until_ready((self.train_images[indices], self.train_labels[indices]))
 
     # --- Train step --------------------------------------------------------------------------------------------------
     def device_train_step(self, images, labels):
+        images, labels = jax.device_put((images, labels), self.batch_sharding)  # each device takes its shard
         return update(self.model, self.optimizer, images, labels)
 
     def train_step(self, images, labels):
         self.model.train()  # BatchNorm normalizes with, and updates, batch statistics
-        return float(self.device_train_step(*jax.device_put((contract.nhwc(images), labels), self.device)))
+        return float(self.device_train_step(*jax.device_put((contract.nhwc(images), labels), self.replicated)))
 
     # --- Epoch -------------------------------------------------------------------------------------------------------
     def train_epoch(self, epoch):
@@ -196,7 +225,7 @@ class FlaxTrainer(contract.Trainer):
         batches = self.epoch_batches(epoch)
         losses, consumed = [], []
         for indices in batches:
-            indices = jax.device_put(indices, self.device)
+            indices = jax.device_put(indices, self.replicated)
             labels = self.train_labels[indices]  # gathered on the device
             losses.append(self.device_train_step(self.train_images[indices], labels))  # no sync per step
             consumed.append(labels)
@@ -222,7 +251,7 @@ class FlaxTrainer(contract.Trainer):
 
     def logits(self, images, train):
         self.model.train() if train else self.model.eval()
-        return np.asarray(forward(self.model, jax.device_put(contract.nhwc(images), self.device)))
+        return np.asarray(forward(self.model, jax.device_put(contract.nhwc(images), self.replicated)))
 
     def learning_rates(self, steps):
         return np.asarray(self.learning_rate(jnp.asarray(steps)))
@@ -233,7 +262,7 @@ class FlaxTrainer(contract.Trainer):
 
     # --- Canonical weights -------------------------------------------------------------------------------------------
     def import_weights(self, weights):
-        import_canonical(self.model, weights, self.device)
+        import_canonical(self.model, weights, self.replicated)
         self.optimizer = nnx.Optimizer(self.model, self.sgd, wrt=nnx.Param)  # zero momentum, step 0
 
     def export_weights(self):
@@ -255,9 +284,9 @@ def nnx_variable(model: ResNet18, name: str) -> nnx.Variable:
     return module.kernel if field == "weight" else module.bias
 
 
-def import_canonical(model: ResNet18, weights: contract.Weights, device: jax.Device) -> None:
+def import_canonical(model: ResNet18, weights: contract.Weights, placement: NamedSharding) -> None:
     for name, array in contract.check_weights(weights).items():
-        nnx_variable(model, name)[...] = jax.device_put(contract.to_channels_last(array), device)
+        nnx_variable(model, name)[...] = jax.device_put(contract.to_channels_last(array), placement)
 
 
 def export_canonical(model: ResNet18) -> contract.Weights:

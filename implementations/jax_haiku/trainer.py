@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from implementations import contract
 
@@ -105,17 +106,40 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState  # momentum buffers shaped like params; the step count that indexes the schedule
 
 
-def select_device(config: contract.RunConfig) -> jax.Device:
+def select_devices(config: contract.RunConfig) -> list[jax.Device]:
+    """One device per replica: GPUs where there are (or --device cuda), else the CPU."""
+    if config.replicas > 1:  # the CPU as N XLA host devices: set before the backend starts, harmless on a GPU machine
+        jax.config.update("jax_num_cpu_devices", config.replicas)
     if config.device == "cpu":
-        device = jax.devices("cpu")[0]
+        devices = jax.devices("cpu")
     elif config.device == "cuda" and jax.default_backend() != "gpu":
         raise contract.ConfigError("--device cuda: JAX sees no CUDA GPU (install jax[cuda12] or jax[cuda13]); "
                                    "use --device cpu")
     else:
-        device = jax.devices()[0]  # JAX's default backend: the GPU when there is one
+        devices = jax.devices()  # JAX's default backend: the GPUs when there are
+    if len(devices) < config.replicas:
+        raise contract.ConfigError(f"--replicas {config.replicas}: JAX sees {len(devices)} {devices[0].platform} "
+                                   "device(s); lower --replicas")
     # fp32 matmuls and convolutions on GPU: TF32 tensor cores or strict fp32 (no effect on CPU).
     jax.config.update("jax_default_matmul_precision", "tensorfloat32" if config.allow_tf32 else "float32")
-    return device
+    return devices[:config.replicas]
+
+
+def data_parallel_shardings(devices: list[jax.Device]) -> tuple[NamedSharding, NamedSharding]:
+    """Data parallel with jax.sharding: the model, its state and the dataset replicated on every device, each batch
+    split into contiguous shards along a "batch" mesh axis. jit compiles the step for the global batch and XLA inserts
+    the all-reduces: gradients and BatchNorm's batch statistics are those of the whole batch, as on one device."""
+    mesh = Mesh(np.array(devices), ("batch",))
+    return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
+
+
+def devices_environment(devices: list[jax.Device]) -> dict:
+    names = [device.device_kind if device.platform == "gpu" else "CPU" for device in devices]
+    if len(devices) == 1:
+        return {"device": names[0]}
+    # XLA:CPU's host devices share one thread pool of every core; a GPU replica is its GPU.
+    threads = len(os.sched_getaffinity(0)) if devices[0].platform == "cpu" else None
+    return {"device": names[0], "devices": names, "threads_per_replica": threads}
 
 
 def make_optimizer(learning_rate: optax.Schedule) -> optax.GradientTransformation:
@@ -124,9 +148,12 @@ def make_optimizer(learning_rate: optax.Schedule) -> optax.GradientTransformatio
 
 
 class HaikuTrainer(contract.Trainer):
+    data_parallel = "jax.sharding: jit over a device mesh"
 
     def build(self, weights):
-        self.device = select_device(self.config)
+        self.devices = select_devices(self.config)
+        self.device = self.devices[0]
+        self.replicated, self.batch_sharding = data_parallel_shardings(self.devices)
         dtype = jnp.bfloat16 if self.config.precision == "bf16" else jnp.float32
         table = jnp.asarray(self.schedule)
         self.learning_rate = lambda count: table[count]  # optax's schedule: called with its step count, from 0
@@ -137,11 +164,12 @@ class HaikuTrainer(contract.Trainer):
         cpu_options = {"xla_disable_hlo_passes": "algsimp"} if self.device.platform == "cpu" else None
         jit = partial(jax.jit, compiler_options=cpu_options)
         # The state is donated: XLA updates parameters and momentum in place instead of allocating new buffers.
-        self.jitted_update = jit(partial(self.update, self.optimizer, dtype), donate_argnums=0)
+        self.jitted_update = jit(partial(self.update, self.optimizer, dtype), donate_argnums=0,
+                                 out_shardings=self.replicated)
         self.jitted_eval_batch = jit(partial(self.eval_batch, dtype))
         self.jitted_forward = jit(partial(forward, dtype=dtype), static_argnums=3)
         # The whole dataset lives on the device, NHWC (transposed once here); an epoch only indexes it.
-        to_device = lambda array: jax.device_put(array, self.device)
+        to_device = lambda array: jax.device_put(array, self.replicated)
         self.train_images = to_device(contract.nhwc(self.data.train_images))
         self.train_labels = to_device(self.data.train_labels)
         self.test_images = to_device(contract.nhwc(self.data.test_images))
@@ -149,9 +177,8 @@ class HaikuTrainer(contract.Trainer):
         self.import_weights(weights)
 
     def environment(self):
-        name = self.device.device_kind if self.device.platform == "gpu" else "CPU"
-        return {"framework_version": f"jax {jax.__version__}, haiku {hk.__version__}, "
-                f"optax {optax.__version__}", "device": name}
+        return {"framework_version": f"jax {jax.__version__}, haiku {hk.__version__}, optax {optax.__version__}",
+                **devices_environment(self.devices)}
 
     def memory_peak_bytes(self):
         stats = self.device.memory_stats()  # None on CPU
@@ -170,12 +197,13 @@ class HaikuTrainer(contract.Trainer):
         return TrainState(optax.apply_updates(train_state.params, updates), state, opt_state), loss
 
     def device_train_step(self, images: jax.Array, labels: jax.Array) -> jax.Array:
+        images, labels = jax.device_put((images, labels), self.batch_sharding)  # each device takes its shard
         self.train_state, loss = self.jitted_update(self.train_state, images, labels)
         return loss  # stays on the device: dispatch runs ahead of the computation, no sync per step
 
     def train_step(self, images, labels):
         # On the device first: the very program (and argument placement) that the epoch's steps run.
-        images, labels = jax.device_put((contract.nhwc(images), labels), self.device)
+        images, labels = jax.device_put((contract.nhwc(images), labels), self.replicated)
         return float(self.device_train_step(images, labels))
 
     def learning_rates(self, steps):
@@ -185,7 +213,7 @@ class HaikuTrainer(contract.Trainer):
     def warm_up(self):
         """The contract's warm-up (the step, one evaluation), and the epoch's gather of a batch from the device data."""
         super().warm_up()
-        indices = jax.device_put(self.epoch_batches(0)[0], self.device)
+        indices = jax.device_put(self.epoch_batches(0)[0], self.replicated)
         jax.block_until_ready((self.train_images[indices], self.train_labels[indices]))
 
     def train_epoch(self, epoch):
@@ -195,7 +223,7 @@ class HaikuTrainer(contract.Trainer):
         batches = self.epoch_batches(epoch)
         losses, consumed = [], []
         for indices in batches:
-            indices = jax.device_put(indices, self.device)
+            indices = jax.device_put(indices, self.replicated)
             labels = self.train_labels[indices]  # gathered on the device
             losses.append(self.device_train_step(self.train_images[indices], labels))
             consumed.append(labels)
@@ -233,7 +261,7 @@ class HaikuTrainer(contract.Trainer):
     # --- Canonical weights -------------------------------------------------------------------------------------------
     def import_weights(self, weights):
         params, state = import_canonical(weights)
-        self.train_state = jax.device_put(TrainState(params, state, self.optimizer.init(params)), self.device)
+        self.train_state = jax.device_put(TrainState(params, state, self.optimizer.init(params)), self.replicated)
 
     def export_weights(self):
         return export_canonical(*jax.device_get((self.train_state.params, self.train_state.state)))

@@ -152,6 +152,18 @@ def select_device(requested: str) -> str:
     return "gpu" if requested != "cpu" and gpu_available() else "cpu"
 
 
+def data_parallel_devices(device: str, replicas: int) -> list[str]:
+    """Data parallel with Keras' distribution API (JAX backend): the variables replicated on every device, each batch
+    split into contiguous shards along its first axis. Keras jits the step for the global batch and XLA inserts the
+    all-reduces: gradients and BatchNorm's batch statistics are those of the whole batch, as on one device."""
+    devices = keras.distribution.list_devices(device)
+    if len(devices) < replicas:
+        raise contract.ConfigError(f"--replicas {replicas}: Keras sees {len(devices)} {device} device(s); "
+                                   "lower --replicas")
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices[:replicas]))
+    return devices[:replicas]
+
+
 # --- State -----------------------------------------------------------------------------------------------------------
 class TableSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """The contract's learning-rate table, looked up at the optimizer's step counter."""
@@ -184,9 +196,15 @@ class SGD(keras.optimizers.Optimizer):
 
 
 class KerasTrainer(contract.Trainer):
+    # Keras' distribution API runs on the JAX backend only (its PyTorch and TensorFlow backends have none).
+    data_parallel = "keras.distribution.DataParallel" if keras.backend.backend() == "jax" else None
 
     def build(self, weights):
+        if self.config.replicas > 1:  # the CPU as N XLA host devices: set before JAX's backend starts
+            import jax
+            jax.config.update("jax_num_cpu_devices", self.config.replicas)
         self.device = select_device(self.config.device)
+        self.devices = data_parallel_devices(self.device, self.config.replicas) if self.config.replicas > 1 else []
         # bf16: Keras' mixed precision, bf16 compute with float32 variables, as torch.autocast does.
         keras.mixed_precision.set_global_policy("mixed_bfloat16" if self.config.precision == "bf16" else "float32")
         with keras.device(self.device):
@@ -211,8 +229,13 @@ class KerasTrainer(contract.Trainer):
     def environment(self):
         backend = keras.backend.backend()
         backend_module = __import__({"torch": "torch", "jax": "jax", "tensorflow": "tensorflow"}[backend])
-        return {"framework_version": f"keras {keras.__version__}, {backend} {backend_module.__version__}",
-                "device": "GPU" if self.device == "gpu" else "CPU"}
+        device = "GPU" if self.device == "gpu" else "CPU"
+        environment = {"framework_version": f"keras {keras.__version__}, {backend} {backend_module.__version__}",
+                       "device": device}
+        if self.devices:  # XLA:CPU's host devices share one thread pool of every core; a GPU replica is its GPU
+            threads = len(os.sched_getaffinity(0)) if device == "CPU" else None
+            environment |= {"devices": [device] * len(self.devices), "threads_per_replica": threads}
+        return environment
 
     def warm_up(self):
         """The contract's warm-up, and a short `fit` and `evaluate`: Keras builds their functions on first use."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from implementations import contract
-from implementations.pytorch.trainer import (ResNet18, device_data, export_canonical, import_canonical, make_optimizer,
-                                              select_device)
+from implementations.pytorch.trainer import (ResNet18, device_data, export_canonical, import_canonical,
+                                              init_data_parallel, make_optimizer, select_device, synchronize_batchnorm)
 
 LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed"}  # bf16-mixed: autocast around each step, fp32 weights
 
@@ -77,14 +78,16 @@ class ResNet18Module(pl.LightningModule):
         logits = self(images).float()
         # Sums over the test set, divided by its size in evaluate() as on the PyTorch page: the count stays exact.
         # (Lightning's default reduction, the mean of batch means weighted by batch_size, would give the same means.)
-        self.log("test_loss_sum", F.cross_entropy(logits, labels, reduction="sum"), reduce_fx="sum")
-        self.log("test_correct", (logits.argmax(1) == labels).sum().float(), reduce_fx="sum")
+        # sync_dist: with replicas, each tests its part of the test set and the sums add up across them.
+        self.log("test_loss_sum", F.cross_entropy(logits, labels, reduction="sum"), reduce_fx="sum", sync_dist=True)
+        self.log("test_correct", (logits.argmax(1) == labels).sum().float(), reduce_fx="sum", sync_dist=True)
 
 
 # --- State -----------------------------------------------------------------------------------------------------------
-def device_batches(images: torch.Tensor, labels: torch.Tensor, batches: torch.Tensor) -> DataLoader:
-    """(images, labels) batches gathered on the device by the rows of `batches`: no host copy, no worker processes."""
-    # batch_size=None: each item of the dataset, a row of indices, already is a batch; collate_fn gathers it.
+def device_batches(images: torch.Tensor, labels: torch.Tensor, batches: Sequence[torch.Tensor]) -> DataLoader:
+    """(images, labels) batches gathered on the device by the index tensors of `batches` (the rows of a [steps, size]
+    tensor, say): no host copy, no worker processes."""
+    # batch_size=None: each item of the dataset, a tensor of indices, already is a batch; collate_fn gathers it.
     return DataLoader(batches, batch_size=None, collate_fn=lambda indices: (images[indices], labels[indices]))
 
 
@@ -97,11 +100,24 @@ class StayOnDevice(pl.strategies.SingleDeviceStrategy):
         pass
 
 
+class StayOnDeviceDDP(pl.strategies.DDPStrategy):
+    """Lightning's DDP over the processes that the harness started with torchrun's variables (Lightning launches none
+    where LOCAL_RANK is set), without the teardown's moves (see StayOnDevice): after each fit only the DDP wrapper goes,
+    and the next fit wraps the module again."""
+
+    def teardown(self) -> None:
+        self.model = self.lightning_module
+
+
 class LightningTrainer(contract.Trainer):
+    data_parallel = "Lightning's DDPStrategy (torch.distributed), one process per replica"
 
     def build(self, weights):
+        self.rank, self.replicas = init_data_parallel(self.config)
         self.device = select_device(self.config)
         self.module = ResNet18Module(self.schedule)
+        if self.replicas > 1:  # the PyTorch page's synchronized BatchNorm: Lightning's sync_batchnorm is GPU-only
+            self.module.model = synchronize_batchnorm(self.module.model, self.device)
         # Channels-last, as on the PyTorch page; Lightning's own move to the device keeps the layout.
         self.module.to(self.device, memory_format=torch.channels_last)
         if self.config.compile:
@@ -111,7 +127,12 @@ class LightningTrainer(contract.Trainer):
 
     def environment(self):
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
-        return {"framework_version": pl.__version__, "device": name}
+        environment = {"framework_version": pl.__version__, "device": name}
+        if self.replicas > 1:
+            names = [None] * self.replicas
+            torch.distributed.all_gather_object(names, name)
+            environment |= {"devices": names, "threads_per_replica": torch.get_num_threads()}
+        return environment
 
     def memory_peak_bytes(self):
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
@@ -119,9 +140,12 @@ class LightningTrainer(contract.Trainer):
     def new_trainer(self) -> pl.Trainer:
         # Lightning's strategy selects the GPU by its index; torch.device("cuda") stands for the current one.
         device = torch.device("cuda", torch.cuda.current_device()) if self.device.type == "cuda" else self.device
+        strategy = StayOnDevice(device)
+        if self.replicas > 1:  # gloo on CPU, NCCL on GPUs; each rank's loader holds its shards: no sampler of Lightning's
+            strategy = StayOnDeviceDDP(process_group_backend="nccl" if self.device.type == "cuda" else "gloo")
         # Nothing but the loop: no checkpoints, logger, progress bar, model summary or sanity validation in the epochs.
-        return pl.Trainer(accelerator=self.device.type, strategy=StayOnDevice(device),
-                          precision=LIGHTNING_PRECISION[self.config.precision], max_epochs=0,
+        return pl.Trainer(accelerator=self.device.type, strategy=strategy, devices=self.replicas,
+                          use_distributed_sampler=False, precision=LIGHTNING_PRECISION[self.config.precision], max_epochs=0,
                           benchmark=self.device.type == "cuda", num_sanity_val_steps=0, enable_checkpointing=False,
                           logger=False, enable_progress_bar=False, enable_model_summary=False)
 
@@ -142,8 +166,17 @@ class LightningTrainer(contract.Trainer):
         return self.module.losses[0]
 
     def train_step(self, images, labels):
-        images = torch.from_numpy(images).to(self.device).contiguous(memory_format=torch.channels_last)
-        return self.device_train_step(images, torch.from_numpy(labels).to(self.device).long()).item()
+        shard = contract.replica_shard(len(labels), self.rank, self.replicas)
+        images = torch.from_numpy(images[shard]).to(self.device).contiguous(memory_format=torch.channels_last)
+        loss = self.device_train_step(images, torch.from_numpy(labels[shard]).to(self.device).long())
+        return self.mean_over_replicas(loss).item()
+
+    def mean_over_replicas(self, values: torch.Tensor) -> torch.Tensor:
+        """Each replica's shard means as means over the global batch (equal shards)."""
+        if self.replicas > 1:
+            torch.distributed.all_reduce(values)
+            values /= self.replicas
+        return values
 
     def learning_rates(self, steps):
         scheduler = self.module.scheduler  # LambdaLR's rule (its get_lr) at each step, read without stepping it
@@ -154,19 +187,24 @@ class LightningTrainer(contract.Trainer):
     def train_epoch(self, epoch):
         # The harness's epoch picks the batches; Lightning's current_epoch also counts train_step's one-batch fits.
         start = time.perf_counter()
-        batches = torch.from_numpy(self.epoch_batches(epoch)).to(self.device)
-        self.fit_one_more_epoch(device_batches(self.train_images, self.train_labels, batches))
-        mean_loss = torch.stack(self.module.losses).mean().item()  # .item() waits for the device: the time is real
+        batches = self.epoch_batches(epoch)
+        shards = torch.from_numpy(batches[:, contract.replica_shard(batches.shape[1], self.rank, self.replicas)])
+        self.fit_one_more_epoch(device_batches(self.train_images, self.train_labels, shards.to(self.device)))
+        mean_loss = self.mean_over_replicas(torch.stack(self.module.losses)).mean().item()  # .item(): the time is real
         seconds = time.perf_counter() - start
-        digest = contract.label_digest(torch.cat(self.module.fed_labels).cpu().numpy())
-        return contract.EpochResult(mean_loss, batches.numel(), seconds, digest)
+        fed = torch.stack(self.module.fed_labels)  # [steps, shard]
+        if self.replicas > 1:  # every replica's shards, in the global batch's order
+            shards_of_all = [torch.empty_like(fed) for _ in range(self.replicas)]
+            torch.distributed.all_gather(shards_of_all, fed)
+            fed = torch.cat(shards_of_all, dim=1)
+        return contract.EpochResult(mean_loss, batches.size, seconds, contract.label_digest(fed.cpu().numpy()))
 
     # --- Evaluation --------------------------------------------------------------------------------------------------
     # Lightning's own evaluation step is ResNet18Module.test_step, which pl.Trainer runs inside test().
     def evaluate(self):
         n = len(self.test_labels)
-        batches = torch.arange(n, device=self.device).view(-1, contract.EVAL_BATCH_SIZE)
-        loader = device_batches(self.test_images, self.test_labels, batches)
+        part = torch.arange(n, device=self.device)[contract.replica_shard(n, self.rank, self.replicas)]
+        loader = device_batches(self.test_images, self.test_labels, part.split(contract.EVAL_BATCH_SIZE))
         [metrics] = self.trainer.test(self.module, loader, verbose=False)  # eval mode, inference mode, autocast
         return contract.Evaluation(metrics["test_loss_sum"] / n, metrics["test_correct"] / n)
 

@@ -6,12 +6,16 @@ A page of the Rosetta stone: the sections of contract.PAGE_SECTIONS, in order, a
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.nn.functional import all_reduce
+from torch.nn.parallel import DistributedDataParallel
 
 from implementations import contract
 
@@ -60,11 +64,57 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class CpuSyncBatchNorm2d(nn.BatchNorm2d):
+    """nn.SyncBatchNorm for CPU replicas, which nn.SyncBatchNorm refuses ("only work with GPU modules"): the statistics
+    of the global batch, summed over the replicas by torch.distributed's differentiable all_reduce, so that the backward
+    pass sums over them too. Mean first, then the variance around it (two passes, as accurate as one device's)."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        dtype, x = x.dtype, x.float()  # statistics in fp32, also under autocast
+        n = x.numel() // x.shape[1] * dist.get_world_size()  # equal shards
+        mean = all_reduce(x.sum((0, 2, 3))) / n
+        centered = x - mean[:, None, None]
+        var = all_reduce(centered.square().sum((0, 2, 3))) / n
+        with torch.no_grad():  # PyTorch's running update, with the unbiased variance of the global batch
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        scale = torch.rsqrt(var + self.eps) * self.weight
+        return (centered * scale[:, None, None] + self.bias[:, None, None]).to(dtype)
+
+
+def synchronize_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm2d normalizing with the global batch's statistics, its parameters and statistics kept."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            synchronized = CpuSyncBatchNorm2d(child.num_features, child.eps, child.momentum).to(device)
+            synchronized.load_state_dict(child.state_dict())
+            setattr(module, name, synchronized)
+        else:
+            synchronize_batchnorm(child, device)
+    return module
+
+
 # --- State -----------------------------------------------------------------------------------------------------------
+def init_data_parallel(config: contract.RunConfig) -> tuple[int, int]:
+    """This process's replica (rank) and the number of replicas, from torchrun's environment variables, which the
+    harness sets as torchrun does: one process per replica, each running this page."""
+    replicas = int(os.environ.get("WORLD_SIZE", 1))
+    if replicas != config.replicas:
+        raise contract.ConfigError(f"--replicas {config.replicas}: the PyTorch page trains one process per replica and "
+                                   f"was started as {replicas}; start it with torchrun --nproc-per-node "
+                                   f"{config.replicas} (the harness does this for registered frameworks)")
+    return int(os.environ.get("RANK", 0)), replicas
+
+
 def select_device(config: contract.RunConfig) -> torch.device:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise contract.ConfigError("--device cuda: PyTorch sees no CUDA GPU (is this a CPU-only torch build?); use --device cpu")
-    device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu")
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.allow_tf32
     return device
@@ -83,19 +133,36 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.SGD:
 
 
 class TorchTrainer(contract.Trainer):
+    data_parallel = "torch.distributed: DistributedDataParallel, one process per replica"
 
     def build(self, weights):
+        self.rank, self.replicas = init_data_parallel(self.config)
         self.device = select_device(self.config)
         torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest convolution algorithms once
         # Channels-last (NHWC) convolutions are faster with oneDNN on CPU (620 vs 530 images/s here) and tensor cores.
         self.model = ResNet18().to(self.device, memory_format=torch.channels_last)
-        self.network = torch.compile(self.model) if self.config.compile else self.model
+        network = self.model
+        if self.replicas > 1:  # gloo on CPU, NCCL on GPUs; env:// reads MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.model = synchronize_batchnorm(self.model, self.device)
+            # DDP averages the gradients over the replicas during backward; the synchronized BatchNorm statistics are
+            # equal everywhere, so broadcasting rank 0's (DDP's default) would only cost time.
+            network = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                              broadcast_buffers=False)
+        self.network = torch.compile(network) if self.config.compile else network
         self.train_images, self.train_labels, self.test_images, self.test_labels = device_data(self.data, self.device)
         self.import_weights(weights)
 
     def environment(self):
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
-        return {"framework_version": torch.__version__, "device": name}
+        environment = {"framework_version": torch.__version__, "device": name}
+        if self.replicas > 1:
+            names = [None] * self.replicas
+            dist.all_gather_object(names, name)
+            environment |= {"devices": names, "threads_per_replica": torch.get_num_threads()}
+        return environment
 
     def memory_peak_bytes(self):
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
@@ -112,6 +179,7 @@ class TorchTrainer(contract.Trainer):
         return self.optimizer.param_groups[0]["lr"]
 
     def device_train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One SGD step on this replica's shard of the batch; DDP averages the gradients over the replicas."""
         self.set_learning_rate(self.step)
         with self.autocast():
             loss = F.cross_entropy(self.network(images), labels)
@@ -123,8 +191,17 @@ class TorchTrainer(contract.Trainer):
 
     def train_step(self, images, labels):
         self.model.train()
-        images = torch.from_numpy(images).to(self.device).contiguous(memory_format=torch.channels_last)
-        return self.device_train_step(images, torch.from_numpy(labels).to(self.device).long()).item()
+        shard = contract.replica_shard(len(labels), self.rank, self.replicas)
+        images = torch.from_numpy(images[shard]).to(self.device).contiguous(memory_format=torch.channels_last)
+        loss = self.device_train_step(images, torch.from_numpy(labels[shard]).to(self.device).long())
+        return self.mean_over_replicas(loss).item()
+
+    def mean_over_replicas(self, values: torch.Tensor) -> torch.Tensor:
+        """Each replica's shard means as means over the global batch (equal shards)."""
+        if self.replicas > 1:
+            dist.all_reduce(values)
+            values /= self.replicas
+        return values
 
     def learning_rates(self, steps):
         return np.array([self.set_learning_rate(int(step)) for step in steps], dtype=np.float32)
@@ -133,16 +210,21 @@ class TorchTrainer(contract.Trainer):
     def train_epoch(self, epoch):
         start = time.perf_counter()
         self.model.train()
-        batches = torch.from_numpy(self.epoch_batches(epoch)).to(self.device)
+        batches = self.epoch_batches(epoch)
+        shards = torch.from_numpy(batches[:, contract.replica_shard(batches.shape[1], self.rank, self.replicas)])
         losses, consumed = [], []
-        for indices in batches:
+        for indices in shards.to(self.device):
             labels = self.train_labels[indices]
             losses.append(self.device_train_step(self.train_images[indices], labels))
             consumed.append(labels)
-        mean_loss = torch.stack(losses).mean().item()  # .item() waits for the device: the epoch's time is real
+        mean_loss = self.mean_over_replicas(torch.stack(losses)).mean().item()  # .item() waits: the time is real
         seconds = time.perf_counter() - start
-        digest = contract.label_digest(torch.cat(consumed).cpu().numpy())
-        return contract.EpochResult(mean_loss, batches.numel(), seconds, digest)
+        consumed = torch.stack(consumed)  # [steps, shard]
+        if self.replicas > 1:  # every replica's shards, in the global batch's order
+            shards_of_all = [torch.empty_like(consumed) for _ in range(self.replicas)]
+            dist.all_gather(shards_of_all, consumed)
+            consumed = torch.cat(shards_of_all, dim=1)
+        return contract.EpochResult(mean_loss, batches.size, seconds, contract.label_digest(consumed.cpu().numpy()))
 
     # --- Evaluation --------------------------------------------------------------------------------------------------
     def device_eval_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,13 +235,19 @@ class TorchTrainer(contract.Trainer):
     @torch.inference_mode()
     def evaluate(self):
         self.model.eval()
-        loss_sum = correct = 0
-        for start in range(0, len(self.test_labels), contract.EVAL_BATCH_SIZE):
-            batch = slice(start, start + contract.EVAL_BATCH_SIZE)
-            batch_loss, batch_correct = self.device_eval_step(self.test_images[batch], self.test_labels[batch])
-            loss_sum, correct = loss_sum + batch_loss, correct + batch_correct  # device scalars: no sync per batch
         n = len(self.test_labels)
-        return contract.Evaluation(loss_sum.item() / n, correct.item() / n)  # the one host read
+        shard = contract.replica_shard(n, self.rank, self.replicas)  # each replica evaluates its part of the test set
+        images, labels = self.test_images[shard], self.test_labels[shard]
+        loss_sum = correct = 0
+        for start in range(0, len(labels), contract.EVAL_BATCH_SIZE):
+            batch = slice(start, start + contract.EVAL_BATCH_SIZE)
+            batch_loss, batch_correct = self.device_eval_step(images[batch], labels[batch])
+            loss_sum, correct = loss_sum + batch_loss, correct + batch_correct  # device scalars: no sync per batch
+        totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)])  # counts up to 10,000 are exact in float32
+        if self.replicas > 1:
+            dist.all_reduce(totals)
+        loss_sum, correct = totals.tolist()  # the one host read
+        return contract.Evaluation(loss_sum / n, round(correct) / n)
 
     @torch.no_grad()
     def logits(self, images, train):

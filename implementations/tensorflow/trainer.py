@@ -58,9 +58,18 @@ class BatchNorm2d(layers.BatchNormalization):
     def __init__(self):
         super().__init__(momentum=1 - contract.BN_MOMENTUM, epsilon=contract.BN_EPSILON)
 
+    def add_weight(self, *args, trainable=True, **kwargs):
+        # With replicas, each updates the running statistics to the same global values: TensorFlow keeps the first's.
+        if not trainable:
+            kwargs.setdefault("aggregation", "only_first_replica")
+        return super().add_weight(*args, trainable=trainable, **kwargs)
+
     def call(self, inputs, training=False):
         if not training:
             return super().call(inputs, training=False)
+        replicas = tf.distribute.get_replica_context()
+        if replicas is not None and replicas.num_replicas_in_sync > 1:
+            return self.normalize_over_replicas(inputs, replicas)
         # Normalizes with the batch's statistics and returns the running averages updated by exponential_avg_factor,
         # which is PyTorch's momentum. Statistics, scale and offset stay float32 under mixed bf16.
         outputs, running_mean, running_var = tf.compat.v1.nn.fused_batch_norm(
@@ -69,6 +78,20 @@ class BatchNorm2d(layers.BatchNormalization):
         self.moving_mean.assign(running_mean)
         self.moving_variance.assign(running_var)
         return outputs
+
+    def normalize_over_replicas(self, inputs, replicas: tf.distribute.ReplicaContext):
+        """Training mode over the global batch of all replicas: sums all-reduced across them (differentiable, so the
+        backward pass sums over them too), mean first, then the variance around it. Keras' synchronized=True does the
+        same but keeps the biased variance."""
+        x = tf.cast(inputs, tf.float32)
+        n = tf.cast(tf.size(x) // tf.shape(x)[-1] * replicas.num_replicas_in_sync, tf.float32)
+        mean = replicas.all_reduce("SUM", tf.reduce_sum(x, axis=(0, 1, 2))) / n
+        var = replicas.all_reduce("SUM", tf.reduce_sum(tf.square(x - mean), axis=(0, 1, 2))) / n
+        self.moving_mean.assign((1 - contract.BN_MOMENTUM) * self.moving_mean + contract.BN_MOMENTUM * mean)
+        self.moving_variance.assign((1 - contract.BN_MOMENTUM) * self.moving_variance
+                                    + contract.BN_MOMENTUM * var * n / (n - 1))
+        outputs = tf.nn.batch_normalization(x, mean, var, self.beta, self.gamma, self.epsilon)
+        return tf.cast(outputs, inputs.dtype)
 
 
 class BasicBlock(keras.layers.Layer):
@@ -119,8 +142,8 @@ class ResNet18(keras.Model):
 
 
 # --- State -----------------------------------------------------------------------------------------------------------
-def select_device(config: contract.RunConfig) -> str:
-    """Configure TensorFlow's devices (before its first op, which fixes them) and name the one to use."""
+def select_devices(config: contract.RunConfig) -> list[str]:
+    """Configure TensorFlow's devices (before its first op, which fixes them) and name one per replica."""
     gpus = tf.config.list_physical_devices("GPU")
     if config.device == "cuda" and not gpus:
         raise contract.ConfigError("--device cuda: TensorFlow sees no GPU (tensorflow-cpu, or CUDA libraries missing: "
@@ -128,10 +151,22 @@ def select_device(config: contract.RunConfig) -> str:
     tf.config.experimental.enable_tensor_float_32_execution(config.allow_tf32)  # GPUs only; TF's default: on
     if config.device == "cpu" or not gpus:
         tf.config.set_visible_devices([], "GPU")
-        return "/CPU:0"
+        if config.replicas > 1:  # the CPU as N logical devices, which share its thread pools
+            [cpu] = tf.config.list_physical_devices("CPU")
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * config.replicas)
+        return [f"/CPU:{index}" for index in range(config.replicas)]
+    if len(gpus) < config.replicas:
+        raise contract.ConfigError(f"--replicas {config.replicas}: TensorFlow sees {len(gpus)} GPU(s); lower --replicas")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)  # allocate as needed, not the whole card up front
-    return "/GPU:0"
+    return [f"/GPU:{index}" for index in range(config.replicas)]
+
+
+def data_parallel_strategy(devices: list[str]) -> tf.distribute.Strategy:
+    """tf.distribute.MirroredStrategy: variables mirrored on every device; each replica runs the step on its shard of
+    the batch, the optimizer sums their gradients (all-reduce) and BatchNorm2d all-reduces its statistics. On one
+    device, TensorFlow's default strategy, under which strategy.run is a plain call."""
+    return tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else tf.distribute.get_strategy()
 
 
 class TableSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -165,12 +200,15 @@ class SGD(keras.optimizers.Optimizer):
 
 
 class KerasTrainer(contract.Trainer):
+    data_parallel = "tf.distribute.MirroredStrategy"
 
     def build(self, weights):
-        self.device = select_device(self.config)
+        self.devices = select_devices(self.config)
+        self.device = self.devices[0]
+        self.strategy = data_parallel_strategy(self.devices)
         # bf16: Keras' mixed precision, bf16 compute with float32 variables, as torch.autocast does.
         keras.mixed_precision.set_global_policy("mixed_bfloat16" if self.config.precision == "bf16" else "float32")
-        with tf.device(self.device):
+        with tf.device(self.device), self.strategy.scope():
             self.model = ResNet18()
             self.model(tf.zeros([1, 28, 28, 1]))  # creates the variables; import_weights() sets them
             self.learning_rate = TableSchedule(self.schedule)
@@ -188,22 +226,36 @@ class KerasTrainer(contract.Trainer):
         self.import_weights(weights)
 
     def environment(self):
-        name = "CPU"
+        names = ["CPU"] * len(self.devices)
         if self.device != "/CPU:0":
-            name = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])["device_name"]
-        return {"framework_version": tf.__version__, "device": name}
+            gpus = tf.config.list_physical_devices("GPU")
+            names = [tf.config.experimental.get_device_details(gpu)["device_name"] for gpu in gpus[:len(self.devices)]]
+        environment = {"framework_version": tf.__version__, "device": names[0]}
+        if len(self.devices) > 1:  # logical CPU devices share TensorFlow's thread pools of every core
+            threads = len(os.sched_getaffinity(0)) if self.device == "/CPU:0" else None
+            environment |= {"devices": names, "threads_per_replica": threads}
+        return environment
 
     def memory_peak_bytes(self):
         return None if self.device == "/CPU:0" else tf.config.experimental.get_memory_info("GPU:0")["peak"]
 
     # --- Train step --------------------------------------------------------------------------------------------------
     def device_train_step(self, images, labels):  # traced once by tf.function (build): one graph, no Python inside
+        losses = self.strategy.run(self.replica_train_step, args=(images, labels))
+        return self.strategy.reduce("SUM", losses, axis=None)  # stays on the device: no sync per step
+
+    def replica_train_step(self, images, labels):
+        """One replica's part of the step: its shard of the batch, its share of the batch's mean loss."""
+        replicas = tf.distribute.get_replica_context()
+        batch_size = labels.shape[0]
+        shard = contract.replica_shard(batch_size, replicas.replica_id_in_sync_group, replicas.num_replicas_in_sync)
         with tf.GradientTape() as tape:
-            logits = self.model(images, training=True)
-            loss = ops.mean(ops.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+            logits = self.model(images[shard], training=True)
+            loss = ops.sum(ops.sparse_categorical_crossentropy(labels[shard], logits, from_logits=True)) / batch_size
         gradients = tape.gradient(loss, self.model.trainable_variables)
-        self.optimizer.apply(gradients, self.model.trainable_variables)  # at schedule[step], then step += 1
-        return loss  # stays on the device: no sync per step
+        # Summed over the replicas (all-reduce), then applied at schedule[step], then step += 1.
+        self.optimizer.apply(gradients, self.model.trainable_variables)
+        return loss
 
     def train_step(self, images, labels):
         with tf.device(self.device):
