@@ -76,10 +76,10 @@ def test_replicas_run_on_the_engine_of_each_framework_that_has_one_and_skip_the_
     framework without a data-parallel engine is skipped, saying so."""
     out = tmp_path / "run.json"
     result = run_python("-m", "pytest", "bench", "--replicas", "2", "--preset", "smoke", "--epochs", "1",
-                        "--train-subset", "256", "--min-accuracy", "0", "--frameworks=pytorch,lightning",
+                        "--train-subset", "256", "--min-accuracy", "0", "--frameworks=pytorch,keras-torch",
                         "--mnist-dir", mnist_dir, "-p", "no:cacheprovider", f"--benchmark-json={out}", "-rs")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 passed, 1 skipped" in result.stdout and "LightningTrainer has no data-parallel engine" in result.stdout
+    assert "1 passed, 1 skipped" in result.stdout and "KerasTrainer has no data-parallel engine" in result.stdout
     (entry,) = json.loads(out.read_text())["benchmarks"]
     info = entry["extra_info"]
     assert info["replicas"] == 2 and info["devices"] == ["CPU", "CPU"] and info["threads_per_replica"] >= 1

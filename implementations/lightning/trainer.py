@@ -116,7 +116,10 @@ class LightningTrainer(contract.Trainer):
         self.rank, self.replicas = init_data_parallel(self.config)
         self.device = select_device(self.config)
         self.module = ResNet18Module(self.schedule)
-        if self.replicas > 1:  # the PyTorch page's synchronized BatchNorm: Lightning's sync_batchnorm is GPU-only
+        if self.replicas > 1:
+            # Joined here, not at the first fit, so that environment() can gather; Lightning then finds it joined.
+            torch.distributed.init_process_group(self.process_group_backend)
+            # The PyTorch page's synchronized BatchNorm: Lightning's sync_batchnorm is nn.SyncBatchNorm, GPU-only.
             self.module.model = synchronize_batchnorm(self.module.model, self.device)
         # Channels-last, as on the PyTorch page; Lightning's own move to the device keeps the layout.
         self.module.to(self.device, memory_format=torch.channels_last)
@@ -124,6 +127,10 @@ class LightningTrainer(contract.Trainer):
             self.module.model.compile()  # in place: the state_dict keeps its canonical names
         self.train_images, self.train_labels, self.test_images, self.test_labels = device_data(self.data, self.device)
         self.import_weights(weights)
+
+    @property
+    def process_group_backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"
 
     def environment(self):
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
@@ -142,7 +149,7 @@ class LightningTrainer(contract.Trainer):
         device = torch.device("cuda", torch.cuda.current_device()) if self.device.type == "cuda" else self.device
         strategy = StayOnDevice(device)
         if self.replicas > 1:  # gloo on CPU, NCCL on GPUs; each rank's loader holds its shards: no sampler of Lightning's
-            strategy = StayOnDeviceDDP(process_group_backend="nccl" if self.device.type == "cuda" else "gloo")
+            strategy = StayOnDeviceDDP(process_group_backend=self.process_group_backend)
         # Nothing but the loop: no checkpoints, logger, progress bar, model summary or sanity validation in the epochs.
         return pl.Trainer(accelerator=self.device.type, strategy=strategy, devices=self.replicas,
                           use_distributed_sampler=False, precision=LIGHTNING_PRECISION[self.config.precision], max_epochs=0,

@@ -116,6 +116,7 @@ def select_device(config: contract.RunConfig) -> torch.device:
     cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if device.type == "cuda":
+        torch.cuda.set_device(device)  # this replica's GPU: NCCL's and the CUDA allocator's current device
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.allow_tf32
     return device
 
@@ -143,8 +144,6 @@ class TorchTrainer(contract.Trainer):
         self.model = ResNet18().to(self.device, memory_format=torch.channels_last)
         network = self.model
         if self.replicas > 1:  # gloo on CPU, NCCL on GPUs; env:// reads MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             self.model = synchronize_batchnorm(self.model, self.device)
             # DDP averages the gradients over the replicas during backward; the synchronized BatchNorm statistics are
