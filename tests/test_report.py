@@ -56,19 +56,32 @@ def test_table_shows_every_column_of_a_real_run(capsys, real_run, data, tmp_path
     assert code == 0, err
     info = entry(data)["extra_info"]
     header = next(line for line in out.splitlines() if line.startswith("| framework"))
-    for column in ("framework", "version", "device", "median epoch s", "images/s", "test accuracy", "time to target s",
-                   "peak memory", "model TFLOP/s", "of matmul", "harness overhead", "vs fastest"):
+    for column in ("framework", "version", "device", "replicas", "median epoch s", "images/s", "test accuracy",
+                   "time to target s", "peak memory", "model TFLOP/s", "of matmul", "harness overhead", "vs fastest"):
         assert column in header
     cells = row_of(out, FRAMEWORK)
-    assert cells[:4] == [FRAMEWORK, info["framework_version"], info["device"], "2"]
-    assert cells[4] == f"{statistics.median(info['epoch_seconds']):.2f}"
-    assert cells[6] == f"{info['test_accuracy']:.2%}" and cells[-1] == "1.00×"
+    assert cells[:5] == [FRAMEWORK, info["framework_version"], info["device"], "1", "2"]  # 1 replica, 2 epochs
+    assert cells[5] == f"{statistics.median(info['epoch_seconds']):.2f}"
+    assert cells[7] == f"{info['test_accuracy']:.2%}" and cells[-1] == "1.00×"
     memory = info["gpu_memory_peak_bytes"] or info["peak_rss_bytes"]
-    assert cells[8].startswith(f"{memory / 2**20:,.0f} MiB")
-    assert cells[9] == f"{info['achieved_flops_per_second'] / 1e12:.3f}"
-    assert cells[10] == f"{info['matmul_utilization']:.0%}" and cells[11] == f"{info['harness_overhead']:.1%}"
+    assert cells[9].startswith(f"{memory / 2**20:,.0f} MiB")
+    assert cells[10] == f"{info['achieved_flops_per_second'] / 1e12:.3f}"
+    assert cells[11] == f"{info['matmul_utilization']:.0%}" and cells[12] == f"{info['harness_overhead']:.1%}"
     assert machine_name(data["machine_info"]) in out.splitlines()[0]  # the run's heading names the machine
     assert "matmul yardstick:" in out
+
+
+def test_a_data_parallel_run_is_shown_with_its_scaling_against_one_replica(capsys, data, tmp_path):
+    info = entry(data)["extra_info"]
+    two = variant(data, config={**info["config"], "replicas": 2}, devices=["CPU", "CPU"], threads_per_replica=1,
+                  epoch_seconds=[seconds / 1.5 for seconds in info["epoch_seconds"]])  # 1.5x the throughput on two
+    code, out, err = report_main(capsys, write(tmp_path / "one.json", data), write(tmp_path / "two.json", two),
+                                 "--plots", tmp_path / "plots")
+    assert code == 0, err
+    scaling = out.split("## Data parallel on ")[1]
+    cells = row_of(scaling, FRAMEWORK)
+    assert cells[2:5] == ["2", "CPU, CPU", "1"] and cells[-1] == "75%", scaling
+    assert cells[-2] == f"{1.5 * info['images_per_second'] / 2:,.0f}"
 
 
 def test_fastest_is_relative_within_a_device_only(capsys, data, tmp_path):
@@ -146,7 +159,7 @@ def test_a_run_whose_record_failed_after_its_timed_epochs_still_reports_its_timi
     code, out, err = report_main(capsys, write(tmp_path / "crashed.json", crashed), "--plots", tmp_path / "plots")
     assert code == 0, err
     cells = row_of(out, FRAMEWORK)  # named after the test's param
-    assert cells[4] == f"{entry(data)['stats']['median']:.2f}" and cells[6] == "–"
+    assert cells[5] == f"{entry(data)['stats']['median']:.2f}" and cells[7] == "–"
     assert f"note: {FRAMEWORK}: no record in its extra_info" in out
 
 
