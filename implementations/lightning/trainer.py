@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from implementations import contract
-from implementations.pytorch.trainer import (ResNet18, device_data, export_canonical, import_canonical,
-                                              init_data_parallel, make_optimizer, select_device, synchronize_batchnorm)
+from implementations.pytorch.trainer import (ResNet18, batches_of_all_replicas, device_data, export_canonical,
+                                              import_canonical, init_data_parallel, make_optimizer, mean_over_replicas,
+                                              select_device, synchronize_batchnorm)
 
 LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed"}  # bf16-mixed: autocast around each step, fp32 weights
 
@@ -176,14 +177,7 @@ class LightningTrainer(contract.Trainer):
         shard = contract.replica_shard(len(labels), self.rank, self.replicas)
         images = torch.from_numpy(images[shard]).to(self.device).contiguous(memory_format=torch.channels_last)
         loss = self.device_train_step(images, torch.from_numpy(labels[shard]).to(self.device).long())
-        return self.mean_over_replicas(loss).item()
-
-    def mean_over_replicas(self, values: torch.Tensor) -> torch.Tensor:
-        """Each replica's shard means as means over the global batch (equal shards)."""
-        if self.replicas > 1:
-            torch.distributed.all_reduce(values)
-            values /= self.replicas
-        return values
+        return mean_over_replicas(loss).item()
 
     def learning_rates(self, steps):
         scheduler = self.module.scheduler  # LambdaLR's rule (its get_lr) at each step, read without stepping it
@@ -197,13 +191,9 @@ class LightningTrainer(contract.Trainer):
         batches = self.epoch_batches(epoch)
         shards = torch.from_numpy(batches[:, contract.replica_shard(batches.shape[1], self.rank, self.replicas)])
         self.fit_one_more_epoch(device_batches(self.train_images, self.train_labels, shards.to(self.device)))
-        mean_loss = self.mean_over_replicas(torch.stack(self.module.losses)).mean().item()  # .item(): the time is real
+        mean_loss = mean_over_replicas(torch.stack(self.module.losses)).mean().item()  # .item(): the time is real
         seconds = time.perf_counter() - start
-        fed = torch.stack(self.module.fed_labels)  # [steps, shard]
-        if self.replicas > 1:  # every replica's shards, in the global batch's order
-            shards_of_all = [torch.empty_like(fed) for _ in range(self.replicas)]
-            torch.distributed.all_gather(shards_of_all, fed)
-            fed = torch.cat(shards_of_all, dim=1)
+        fed = batches_of_all_replicas(torch.stack(self.module.fed_labels))
         return contract.EpochResult(mean_loss, batches.size, seconds, contract.label_digest(fed.cpu().numpy()))
 
     # --- Evaluation --------------------------------------------------------------------------------------------------

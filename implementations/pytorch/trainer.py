@@ -110,6 +110,23 @@ def init_data_parallel(config: contract.RunConfig) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), replicas
 
 
+def mean_over_replicas(values: torch.Tensor) -> torch.Tensor:
+    """Each replica's means over its shard as means over the global batch (equal shards); as they are on one device."""
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def batches_of_all_replicas(shards: torch.Tensor) -> torch.Tensor:
+    """This replica's [steps, shard] values as the global batches' [steps, batch], in the contract's order."""
+    if not dist.is_initialized():
+        return shards
+    gathered = [torch.empty_like(shards) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, shards)
+    return torch.cat(gathered, dim=1)
+
+
 def select_device(config: contract.RunConfig) -> torch.device:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise contract.ConfigError("--device cuda: PyTorch sees no CUDA GPU (is this a CPU-only torch build?); use --device cpu")
@@ -193,14 +210,7 @@ class TorchTrainer(contract.Trainer):
         shard = contract.replica_shard(len(labels), self.rank, self.replicas)
         images = torch.from_numpy(images[shard]).to(self.device).contiguous(memory_format=torch.channels_last)
         loss = self.device_train_step(images, torch.from_numpy(labels[shard]).to(self.device).long())
-        return self.mean_over_replicas(loss).item()
-
-    def mean_over_replicas(self, values: torch.Tensor) -> torch.Tensor:
-        """Each replica's shard means as means over the global batch (equal shards)."""
-        if self.replicas > 1:
-            dist.all_reduce(values)
-            values /= self.replicas
-        return values
+        return mean_over_replicas(loss).item()
 
     def learning_rates(self, steps):
         return np.array([self.set_learning_rate(int(step)) for step in steps], dtype=np.float32)
@@ -216,13 +226,9 @@ class TorchTrainer(contract.Trainer):
             labels = self.train_labels[indices]
             losses.append(self.device_train_step(self.train_images[indices], labels))
             consumed.append(labels)
-        mean_loss = self.mean_over_replicas(torch.stack(losses)).mean().item()  # .item() waits: the time is real
+        mean_loss = mean_over_replicas(torch.stack(losses)).mean().item()  # .item() waits: the time is real
         seconds = time.perf_counter() - start
-        consumed = torch.stack(consumed)  # [steps, shard]
-        if self.replicas > 1:  # every replica's shards, in the global batch's order
-            shards_of_all = [torch.empty_like(consumed) for _ in range(self.replicas)]
-            dist.all_gather(shards_of_all, consumed)
-            consumed = torch.cat(shards_of_all, dim=1)
+        consumed = batches_of_all_replicas(torch.stack(consumed))
         return contract.EpochResult(mean_loss, batches.size, seconds, contract.label_digest(consumed.cpu().numpy()))
 
     # --- Evaluation --------------------------------------------------------------------------------------------------
