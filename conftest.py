@@ -23,7 +23,7 @@ import pytest
 from bench import options
 from bench.errors import BenchError
 from bench.record import INTERRUPTED, SELECTED_FRAMEWORKS, MatmulRate, RunRecord
-from bench.run import require_installed, resolve_frameworks
+from bench.run import check_job, require_installed, resolve_frameworks
 from bench.summary import summary_table
 from bench.worker import check_trainer_classes
 from bench.yardstick import measure_matmul_rate
@@ -39,6 +39,7 @@ class BenchSession:
     verify_digests: bool
     worker_timeout_s: float
     frameworks: list[Framework]
+    job: contract.JobProcess  # this process's place in a launched job (WORLD_SIZE 1: none)
     json_target: Path | None = None  # where --benchmark-json goes once the session is complete
     json_partial: Path | None = None  # where pytest-benchmark writes it meanwhile
     interrupted: bool = False
@@ -72,6 +73,9 @@ def pytest_configure(config):
         session = checked_session(config)
     except (BenchError, contract.ConfigError) as error:
         raise pytest.UsageError(str(error)) from None
+    if session.job.rank > 0:  # one rank of a launched job: rank 0's session keeps the results and the history
+        config.option.benchmark_json = config.option.benchmark_save = None
+        config.option.benchmark_autosave = False
     if session.json_target is not None:  # every option is valid: only now may a folder be created
         session.json_target.parent.mkdir(parents=True, exist_ok=True)
         session.json_partial = session.json_target.with_name(f".{session.json_target.name}.{os.getpid()}.partial")
@@ -107,10 +111,11 @@ def checked_session(config) -> BenchSession:
     extra_modules = dict(parse_module(text) for text in config.getoption("framework_module"))
     names = config.getoption("frameworks")
     names = [name.strip() for name in names.split(",")] if names else [*FRAMEWORKS, *extra_modules]
-    session = BenchSession(options.run_config(values), options.mnist_dir(values), not values["no_verify_digests"],
-                           values["worker_timeout"], resolve_frameworks(names, extra_modules))
+    run_config = options.run_config(values)
+    session = BenchSession(run_config, options.mnist_dir(values), not values["no_verify_digests"],
+                           values["worker_timeout"], resolve_frameworks(names, extra_modules), check_job(run_config))
     target = config.getoption("benchmark_json", None)
-    if target is not None:
+    if target is not None and session.job.rank == 0:
         options.check_output_path(Path(target), "--benchmark-json")
         session.json_target = Path(target)
     check_trainer_classes({name: module for name, module in extra_modules.items() if name in names})

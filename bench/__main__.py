@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench import options
 from bench.errors import BenchError
-from bench.run import FrameworkRun, accuracy_failure, require_installed, resolve_frameworks
+from bench.run import FrameworkRun, accuracy_failure, check_job, require_installed, resolve_frameworks
 from bench.summary import summary_table
 from bench.yardstick import measure_matmul_rate
 from implementations import FRAMEWORKS, contract
@@ -65,11 +65,15 @@ def keep_elsewhere(text: str) -> str:
 def run(args: argparse.Namespace, console: Console) -> int:
     values = vars(args)
     config = options.run_config(values)
+    job = check_job(config)
     (framework,) = resolve_frameworks([args.framework], {})
     require_installed(framework)
-    output = Path(args.output) if args.output else None
+    output = Path(args.output) if args.output and job.rank == 0 else None  # a launched job's record is rank 0's
     if output is not None:
         options.check_output_path(output, "--output")
+    if job.processes > 1:
+        console.print(f"rank {job.rank} of a job of {job.processes} processes (coordinator {job.coordinator})"
+                      + ("; rank 0 writes the record, not this one" if args.output and job.rank else ""))
     console.print(f"[bold]{framework.name}[/]: {config.epochs} epoch(s), batch {config.batch_size}, "
                   f"{config.train_subset or 'all'} training images, device {config.device}, seed {config.seed}")
     with FrameworkRun(framework, config, options.mnist_dir(values), not args.no_verify_digests, args.worker_timeout) as run:

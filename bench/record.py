@@ -54,6 +54,7 @@ class RunRecord:
     device: str | None = None
     devices: list[str] = field(default_factory=list)  # with --replicas: one per replica (empty: the one `device`)
     threads_per_replica: int | None = None  # with --replicas on a CPU: the compute threads each replica may use
+    processes: int = 1  # the worker processes that trained, all machines together: one per replica in a launched job
     config: dict | None = None  # contract.RunConfig.as_dict()
     train_images: int | None = None  # per epoch (whole batches)
     epoch_seconds: list[float] = field(default_factory=list)  # each train_epoch call as the harness timed it
@@ -201,6 +202,7 @@ FIELD_RULES = {  # field -> (check, what a valid value is)
     "device": (text, "a string"),
     "devices": list_of(text, "strings"),
     "threads_per_replica": (lambda value: count(value) and value > 0, "a positive integer"),
+    "processes": (lambda value: count(value) and value > 0, "a positive integer"),
     "config": (lambda value: isinstance(value, dict) and count(value.get("replicas", 1)) and value.get("replicas", 1) > 0,
                "an object (the run configuration, with a positive number of replicas)"),
     "train_images": (count, "a non-negative integer"),

@@ -92,8 +92,8 @@ def history_table(frameworks: Series) -> str:
     return markdown_table(HISTORY_COLUMNS, rows)
 
 
-SCALING_COLUMNS = ("framework", "run", "replicas", "devices", "threads per replica", "images/s", "per replica",
-                   "scaling efficiency")
+SCALING_COLUMNS = ("framework", "run", "replicas", "devices", "processes", "threads per replica", "images/s",
+                   "per replica", "scaling efficiency")
 
 
 def scaling_table(frameworks: Series) -> str | None:
@@ -105,7 +105,7 @@ def scaling_table(frameworks: Series) -> str | None:
             if record.replicas > 1:
                 per_replica = record.images_per_second_per_replica
                 rows.append([framework, run.label, record.replicas, ", ".join(record.devices) or NONE,
-                             record.threads_per_replica or NONE, images_per_second(record),
+                             record.processes, record.threads_per_replica or NONE, images_per_second(record),
                              NONE if per_replica is None else f"{per_replica:,.0f}",
                              percent(record.scaling_efficiency(singles[-1]), 0) if singles else NONE])
     return markdown_table(SCALING_COLUMNS, rows) if rows else None

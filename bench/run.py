@@ -40,6 +40,23 @@ def require_installed(framework: Framework) -> None:
         raise BenchError(f"{framework.name} is not installed (missing {', '.join(missing)}): {framework.install_hint}")
 
 
+def check_job(config: contract.RunConfig) -> contract.JobProcess:
+    """This benchmark process's place in a launched job (torchrun's variables; see the README's "Across processes and
+    machines"), checked against --replicas before any training: one replica per process."""
+    job = contract.job_process()
+    if job.processes > 1 and config.replicas != job.processes:
+        raise BenchError(f"--replicas {config.replicas}: this benchmark process is RANK={job.rank} of a job of "
+                         f"WORLD_SIZE={job.processes}, one replica per process; pass --replicas {job.processes}")
+    return job
+
+
+def worker_processes(framework: Framework, config: contract.RunConfig) -> int:
+    """How many worker processes this benchmark process starts: one where it is a rank of a launched job (its worker
+    joins the other ranks' through the variables it inherits), else one per replica where the framework's engine runs
+    a process per replica (the harness then plays torchrun), else one."""
+    return 1 if contract.job_process().processes > 1 else framework.worker_ranks(config.replicas)
+
+
 @dataclass
 class FrameworkRun:
     """Use as a context manager: entering starts and builds the worker; leaving stops it, whatever happened."""
@@ -64,7 +81,7 @@ class FrameworkRun:
         with self.resources as resources:  # on an error here, closes what was opened so far
             self.worker = resources.enter_context(FrameworkWorker(
                 self.framework.name, self.framework.module, self.timeout_s, self.framework.environment,
-                self.framework.worker_ranks(self.config.replicas)))
+                worker_processes(self.framework, self.config)))
             self.gpu = resources.enter_context(GpuMemorySampler(self.worker.pids))
             self.worker.call("build", self.config, self.mnist_dir, self.verify_digests)
             self.environment = self.worker.call("environment")
@@ -117,6 +134,7 @@ class FrameworkRun:
             device=self.environment.get("device"),
             devices=self.environment.get("devices", []),
             threads_per_replica=self.environment.get("threads_per_replica"),
+            processes=max(contract.job_process().processes, len(self.worker.pids)),
             config=self.config.as_dict(),
             train_images=self.epoch_results[0].images if self.epoch_results else None,
             epoch_seconds=self.epoch_seconds,

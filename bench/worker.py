@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import json
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -101,18 +102,19 @@ def build_trainer(module: str, config, mnist_dir, verify_digests: bool):
 
 
 class FrameworkWorker:
-    """Spawned processes serving one framework's trainer: one, or one per replica where the framework's data-parallel
-    engine runs a process per replica (torch.distributed). Ranks get torchrun's environment variables and run every
-    call, as torchrun's ranks all run one program; rank 0's result comes back. Use as a context manager, or close()."""
+    """Spawned processes serving one framework's trainer: one, or a job of one per replica (torch.distributed's way,
+    and the JAX and TensorFlow engines' across processes). Ranks get the launchers' environment variables
+    (distributed_environment) and run every call, as a launcher's ranks all run one program; rank 0's result comes
+    back. Use as a context manager, or close()."""
 
     def __init__(self, framework: str, module: str, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
                  environment: tuple[tuple[str, str], ...] = (), ranks: int = 1):
         self.framework, self.timeout_s = framework, timeout_s
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no framework state inherited
-        port = free_port() if ranks > 1 else None
+        ports = [free_port() for _ in range(ranks + 1)] if ranks > 1 else None
         self.ranks = []  # (process, connection), rank 0 first
         for rank in range(ranks):
-            rank_environment = environment + (distributed_environment(rank, ranks, port) if ranks > 1 else ())
+            rank_environment = environment + (distributed_environment(rank, ranks, ports) if ranks > 1 else ())
             connection, child_end = context.Pipe()
             process = context.Process(target=serve, args=(child_end, module, rank_environment, os.getpid()),
                                       name=f"bench-{framework}" + (f"-rank{rank}" if ranks > 1 else ""), daemon=True)
@@ -203,19 +205,22 @@ class FrameworkWorker:
 
 
 def free_port() -> int:
-    """A TCP port on localhost that nothing listens on now: the ranks' rendezvous (torchrun's MASTER_PORT)."""
+    """A TCP port on localhost that nothing listens on now: where a rank listens for the others."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def distributed_environment(rank: int, ranks: int, port: int) -> tuple[tuple[str, str], ...]:
-    """What torchrun sets for each rank of a one-machine job; the machine's cores are shared out between the ranks
-    (torchrun sets one thread per rank: on a 2-core machine, the same)."""
+def distributed_environment(rank: int, ranks: int, ports: list[int]) -> tuple[tuple[str, str], ...]:
+    """What the launchers set for each rank of a one-machine job: torchrun's variables (which PyTorch, Lightning and the
+    JAX pages read; rank 0 listens on MASTER_PORT) and TF_CONFIG, TensorFlow's (every worker's address, one port each).
+    The machine's cores are shared out between the ranks (torchrun sets one thread per rank: on 2 cores, the same)."""
     threads = max(1, len(os.sched_getaffinity(0)) // ranks)
+    cluster = {"cluster": {"worker": [f"127.0.0.1:{port}" for port in ports[1:]]},
+               "task": {"type": "worker", "index": rank}}
     return (("RANK", str(rank)), ("LOCAL_RANK", str(rank)), ("WORLD_SIZE", str(ranks)),
-            ("LOCAL_WORLD_SIZE", str(ranks)), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)),
-            ("OMP_NUM_THREADS", str(threads)))
+            ("LOCAL_WORLD_SIZE", str(ranks)), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(ports[0])),
+            ("TF_CONFIG", json.dumps(cluster)), ("OMP_NUM_THREADS", str(threads)))
 
 
 def trainer_class_problem(module: str) -> str | None:

@@ -129,13 +129,15 @@ def cpu_model() -> str:
 
 
 def cuda_matmul_rate(precision: str, allow_tf32: bool, size: int | None) -> MatmulRate:
-    """Runs in the spawned process: torch's matmul on the first CUDA device."""
+    """Runs in the spawned process: torch's matmul on this process's CUDA device (the first; in a launched job, the one
+    its rank trains on, LOCAL_RANK)."""
     try:
         import torch
     except ImportError as error:
         raise YardstickError(f"matmul yardstick on CUDA needs torch (pip install torch): {error}") from None
     if not torch.cuda.is_available():
         raise YardstickError("matmul yardstick: --device cuda, but torch sees no CUDA device")
+    torch.cuda.set_device(contract.job_process().local_rank)
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32  # as the PyTorch page sets it
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import ClassVar, NamedTuple
 
@@ -170,6 +171,35 @@ def epoch_batches(seed: int, epoch: int, num_train: int, batch_size: int) -> np.
 def replica_shard(size: int, replica: int, replicas: int) -> slice:
     """The contiguous part of a batch (or of the test set) that one data-parallel replica takes: replica 0 the first."""
     return slice(replica * size // replicas, (replica + 1) * size // replicas)
+
+
+class JobProcess(NamedTuple):
+    """This process's place in a multi-process data-parallel job (one replica per process), as torchrun's environment
+    variables say: torchrun sets them; for the JAX and TensorFlow engines, a scheduler or the user does (README)."""
+
+    rank: int = 0  # RANK: this process's replica, 0 the first
+    processes: int = 1  # WORLD_SIZE
+    local_rank: int = 0  # LOCAL_RANK: its index among the processes of its machine (which GPU it takes)
+    coordinator: str | None = None  # "MASTER_ADDR:MASTER_PORT": where rank 0 listens for the others
+
+
+def job_process() -> JobProcess:
+    """This process's JobProcess; a ConfigError names a variable that is missing or not a number."""
+    environment = os.environ
+    try:
+        processes = int(environment.get("WORLD_SIZE", 1))
+        rank, local_rank = int(environment.get("RANK", 0)), int(environment.get("LOCAL_RANK", 0))
+    except ValueError:
+        raise ConfigError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (torchrun's variables); got "
+                          + ", ".join(f"{name}={environment.get(name)!r}" for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+                          ) from None
+    if processes < 1 or not 0 <= rank < processes:
+        raise ConfigError(f"RANK={rank} of WORLD_SIZE={processes}: the ranks of a job run from 0 to WORLD_SIZE - 1")
+    address, port = environment.get("MASTER_ADDR"), environment.get("MASTER_PORT")
+    if processes > 1 and not (address and port):
+        raise ConfigError(f"WORLD_SIZE={processes} needs MASTER_ADDR and MASTER_PORT: rank 0's host and a free port "
+                          "on it, the same for every process of the job")
+    return JobProcess(rank, processes, local_rank, f"{address}:{port}" if processes > 1 else None)
 
 
 def label_digest(labels) -> str:

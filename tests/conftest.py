@@ -37,15 +37,17 @@ class WorkerPool:
     def __init__(self, mnist_dir: str):
         self.mnist_dir, self.workers, self.unsupported = mnist_dir, {}, {}
 
-    def get(self, framework, config: contract.RunConfig, copy: int = 0) -> FrameworkWorker:
-        key = (framework.name, config, copy)
+    def get(self, framework, config: contract.RunConfig, copy: int = 0, processes: int | None = None) -> FrameworkWorker:
+        """processes: start the trainer as a job of that many processes (default: the harness's choice for `config`)."""
+        processes = processes or framework.worker_ranks(config.replicas)
+        key = (framework.name, config, copy, processes)
         if key in self.unsupported:
             raise self.unsupported[key]
         if key not in self.workers:
             if framework.name != "pytorch":  # the reference's worker never closes the framework under test
                 self.close(keep={framework.name, "pytorch"})
             worker = FrameworkWorker(framework.name, framework.module, timeout_s=900, environment=framework.environment,
-                                     ranks=framework.worker_ranks(config.replicas))
+                                     ranks=processes)
             try:
                 worker.call("build", config, self.mnist_dir, True)
             except UnsupportedRun as error:

@@ -29,7 +29,8 @@ RECORD_FIELDS = {
     "framework", "framework_version", "device", "epochs", "train_images", "images_per_second", "test_accuracy",
     "test_loss", "epoch_test_accuracy", "time_to_target_s", "warmup_s", "trainable_parameters",
     "gpu_memory_peak_bytes", "allocator_peak_bytes", "peak_rss_bytes", "epoch_seconds", "worker_epoch_seconds",
-    "harness_overhead", "epoch_label_digests", "training_flops_per_image", "matmul", "matmul_utilization", "schema",
+    "harness_overhead", "epoch_label_digests", "training_flops_per_image", "matmul", "matmul_utilization", "processes",
+    "schema",
 }
 
 
@@ -83,9 +84,30 @@ def test_replicas_run_on_the_engine_of_each_framework_that_has_one_and_skip_the_
     (entry,) = json.loads(out.read_text())["benchmarks"]
     info = entry["extra_info"]
     assert info["replicas"] == 2 and info["devices"] == ["CPU", "CPU"] and info["threads_per_replica"] >= 1
+    assert info["processes"] == 2, "the harness starts PyTorch's replicas as processes, torchrun's way"
     assert info["images_per_second_per_replica"] == pytest.approx(info["images_per_second"] / 2)
     labels = load_mnist(mnist_dir).train_labels[:256]  # the two ranks' shards together are the contract's batches
     assert info["epoch_label_digests"] == [contract.label_digest(labels[contract.epoch_batches(0, 0, 256, 128)])]
+
+
+def test_a_launched_job_runs_one_replica_per_benchmark_process_and_rank_0_keeps_the_record(tmp_path, mnist_dir):
+    """torchrun starts two benchmark processes on localhost, as it would on two machines: each one's worker joins the
+    job through the variables it inherits, both train the contract's batches, and only rank 0 writes the record."""
+    out = tmp_path / "run.json"
+    result = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bench", "run",
+                        "pytorch", "--replicas", "2", "--preset", "smoke", "--epochs", "1", "--train-subset", "256",
+                        "--min-accuracy", "0", "--mnist-dir", mnist_dir, "--output", str(out),
+                        env={"COLUMNS": "200"})  # rich's lines unwrapped
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "rank 0 of a job of 2 processes" in output and "rank 0 writes the record, not this one" in output, output
+    losses = [line.split("train loss ")[1].split(",")[0] for line in output.splitlines() if "train loss " in line]
+    assert len(losses) == 2 and losses[0] == losses[1], f"the ranks disagree on the epoch's loss: {losses}"
+    assert [path.name for path in tmp_path.iterdir()] == ["run.json"]
+    record = RunRecord.from_json(json.loads(out.read_text()), str(out))
+    assert (record.processes, record.replicas, record.devices) == (2, 2, ["CPU", "CPU"])
+    labels = load_mnist(mnist_dir).train_labels[:256]
+    assert record.epoch_label_digests == [contract.label_digest(labels[contract.epoch_batches(0, 0, 256, 128)])]
 
 
 def test_bench_modules_import_each_other_without_a_cycle():

@@ -50,6 +50,29 @@ def test_bad_run_options_are_refused_before_anything_runs(option, mnist_dir, tmp
     assert not (tmp_path / "new").exists(), "a refused run created its output folder"
 
 
+JOB = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+BAD_JOBS = {  # torchrun's variables of a launched job, --replicas -> what the one line says
+    "replicas_not_one_per_process": ({**JOB}, "4", "RANK=0 of a job of WORLD_SIZE=2, one replica per process; "
+                                                   "pass --replicas 2"),
+    "rank_outside_the_job": ({**JOB, "RANK": "2"}, "2", "RANK=2 of WORLD_SIZE=2: the ranks of a job run from 0"),
+    "no_coordinator": ({**JOB, "MASTER_PORT": ""}, "2", "WORLD_SIZE=2 needs MASTER_ADDR and MASTER_PORT"),
+}
+
+
+@pytest.mark.parametrize("job", BAD_JOBS)
+def test_a_launched_job_that_does_not_add_up_is_refused_before_anything_runs(job, mnist_dir, tmp_path):
+    environment, replicas, message = BAD_JOBS[job]
+    output = tmp_path / "new" / "out.json"
+    ran = run_python("-m", "bench", "run", "pytorch", "--replicas", replicas, "--mnist-dir", mnist_dir,
+                     "--output", str(output), env=environment, timeout=120)
+    session = run_python("-m", "pytest", "bench", "--replicas", replicas, "--mnist-dir", mnist_dir,
+                         "-p", "no:cacheprovider", f"--benchmark-json={output}", env=environment, timeout=120)
+    for result, code in ((ran, 2), (session, 4)):
+        assert result.returncode == code, result.stdout + result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "new").exists(), "a refused run created its output folder"
+
+
 def test_a_framework_named_twice_is_refused(mnist_dir):
     result = run_python("-m", "pytest", "bench", "--frameworks=pytorch,jax,pytorch", "--mnist-dir", mnist_dir,
                         "-p", "no:cacheprovider", timeout=120)

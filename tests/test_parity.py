@@ -143,10 +143,13 @@ def train_steps(worker, batches) -> tuple[list[float], contract.Weights]:
 
 
 @pytest.fixture
-def data_parallel(framework, workers, initial):
-    """The framework's worker training on 2 replicas of its data-parallel engine; skipped where it has none."""
+def data_parallel(framework, workers, initial, processes):
+    """The framework's worker training on 2 replicas of its data-parallel engine, in one process or as a job of two
+    (one replica each, the engine's path across machines); skipped where the engine has no such path."""
+    if processes == 2 and framework.process_per_replica:
+        pytest.skip(f"{framework.name}: its two replicas always are two processes (two_replicas)")
     try:
-        worker = workers.get(framework, CONFIG.with_options(replicas=2))
+        worker = workers.get(framework, CONFIG.with_options(replicas=2), processes=processes)
     except UnsupportedRun as error:
         pytest.skip(str(error))
     worker.call("import_weights", initial)
@@ -154,13 +157,15 @@ def data_parallel(framework, workers, initial):
 
 
 @pytest.mark.parametrize("steps", [1, 2], ids=["one_step", "two_steps"])
-@pytest.mark.parametrize("replicas", [1, 2], ids=["one_device", "two_replicas"])
-def test_first_steps(framework, replicas, request, expected, data, initial, steps):
+@pytest.mark.parametrize("replicas, processes", [(1, None), (2, None), (2, 2)],
+                         ids=["one_device", "two_replicas", "two_processes"])
+def test_first_steps(framework, replicas, processes, request, expected, data, initial, steps):
     """SGD steps at the schedule's first rates: same losses, same new weights and running statistics.
 
     The second step is where momentum formulations part: the buffer is no longer zero and the rate has doubled. On two
     replicas, each takes half of every batch: gradients and BatchNorm statistics over the whole batch make it the same
-    model, held to the same bounds against the reference on one device.
+    model, held to the same bounds against the reference on one device; as two processes too, where the engine's
+    collectives cross processes (gloo, gRPC) as they cross machines.
     """
     worker = request.getfixturevalue("other" if replicas == 1 else "data_parallel")
     batches = first_batches(data, steps)
@@ -170,7 +175,8 @@ def test_first_steps(framework, replicas, request, expected, data, initial, step
     assert abs(loss - expected_loss) <= LOSS_RTOL * abs(expected_loss), (
         f"{framework.name}: first-step loss {loss:.8f} vs PyTorch {expected_loss:.8f}")
     problems = describe_first_divergence(framework, initial, expected_weights, weights, steps)
-    assert not problems, (f"{len(problems)} tensor(s) diverged after {steps} step(s) on {replicas} device(s), first "
+    assert not problems, (f"{len(problems)} tensor(s) diverged after {steps} step(s) on {replicas} device(s) "
+                          f"in {processes or 1} process(es), first "
                           "in model order:\n"
                           + "\n".join(problems[:8]))
 

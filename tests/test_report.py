@@ -73,14 +73,15 @@ def test_table_shows_every_column_of_a_real_run(capsys, real_run, data, tmp_path
 
 def test_a_data_parallel_run_is_shown_with_its_scaling_against_one_replica(capsys, data, tmp_path):
     info = entry(data)["extra_info"]
-    two = variant(data, config={**info["config"], "replicas": 2}, devices=["CPU", "CPU"], threads_per_replica=1,
+    two = variant(data, config={**info["config"], "replicas": 2}, devices=["CPU", "CPU"], processes=2,
+                  threads_per_replica=1,
                   epoch_seconds=[seconds / 1.5 for seconds in info["epoch_seconds"]])  # 1.5x the throughput on two
     code, out, err = report_main(capsys, write(tmp_path / "one.json", data), write(tmp_path / "two.json", two),
                                  "--plots", tmp_path / "plots")
     assert code == 0, err
     scaling = out.split("## Data parallel on ")[1]
     cells = row_of(scaling, FRAMEWORK)
-    assert cells[2:5] == ["2", "CPU, CPU", "1"] and cells[-1] == "75%", scaling
+    assert cells[2:6] == ["2", "CPU, CPU", "2", "1"] and cells[-1] == "75%", scaling
     assert cells[-2] == f"{1.5 * info['images_per_second'] / 2:,.0f}"
 
 

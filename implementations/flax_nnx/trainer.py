@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
+from jax.sharding import NamedSharding
 from implementations import contract
+from implementations.jax_devices import (data_parallel_shardings, devices_environment, own_device,
+                                          select_devices)
 
 
 # --- Model -----------------------------------------------------------------------------------------------------------
@@ -108,40 +109,6 @@ class ResNet18(nnx.Module):
         return self.fc(x.mean(axis=(1, 2))).astype(jnp.float32)
 
 
-def select_devices(requested: str, replicas: int) -> list[jax.Device]:
-    """One device per replica: GPUs where there are (or --device cuda), else the CPU."""
-    if replicas > 1:  # the CPU as N XLA host devices: set before the backend starts, harmless on a GPU machine
-        jax.config.update("jax_num_cpu_devices", replicas)
-    if requested == "cpu":
-        devices = jax.devices("cpu")
-    elif requested == "cuda" and jax.default_backend() != "gpu":
-        raise contract.ConfigError("--device cuda: JAX sees no CUDA GPU (install jax[cuda12] or jax[cuda13]); "
-                                   "use --device cpu")
-    else:
-        devices = jax.devices()  # JAX's default backend: the GPUs when there are
-    if len(devices) < replicas:
-        raise contract.ConfigError(f"--replicas {replicas}: JAX sees {len(devices)} {devices[0].platform} device(s); "
-                                   "lower --replicas")
-    return devices[:replicas]
-
-
-def data_parallel_shardings(devices: list[jax.Device]) -> tuple[NamedSharding, NamedSharding]:
-    """Data parallel with jax.sharding: the model, its state and the dataset replicated on every device, each batch
-    split into contiguous shards along a "batch" mesh axis. nnx.jit compiles the step for the global batch and XLA
-    inserts the all-reduces: gradients and BatchNorm's batch statistics are those of the whole batch."""
-    mesh = Mesh(np.array(devices), ("batch",))
-    return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
-
-
-def devices_environment(devices: list[jax.Device]) -> dict:
-    names = [device.device_kind if device.platform == "gpu" else "CPU" for device in devices]
-    if len(devices) == 1:
-        return {"device": names[0]}
-    # XLA:CPU's host devices share one thread pool of every core; a GPU replica is its GPU.
-    threads = len(os.sched_getaffinity(0)) if devices[0].platform == "cpu" else None
-    return {"device": names[0], "devices": names, "threads_per_replica": threads}
-
-
 # --- State -----------------------------------------------------------------------------------------------------------
 # The model holds parameters (nnx.Param) and BatchNorm statistics (nnx.BatchStat); the nnx.Optimizer holds the momentum
 # buffers of the parameters and the step count that indexes the schedule.
@@ -178,11 +145,9 @@ class FlaxTrainer(contract.Trainer):
     data_parallel = "jax.sharding: nnx.jit over a device mesh"
 
     def build(self, weights):
-        self.devices = select_devices(self.config.device, self.config.replicas)
-        self.device = self.devices[0]
+        self.devices = select_devices(self.config)
+        self.device = own_device(self.devices)
         self.replicated, self.batch_sharding = data_parallel_shardings(self.devices)
-        # fp32 matmuls and convolutions on GPU: TF32 tensor cores or strict fp32 (no effect on CPU).
-        jax.config.update("jax_default_matmul_precision", "tensorfloat32" if self.config.allow_tf32 else "float32")
         dtype = jnp.bfloat16 if self.config.precision == "bf16" else jnp.float32
         table = jnp.asarray(self.schedule)
         self.learning_rate = lambda count: table[count]  # optax's schedule: called with its step count, from 0

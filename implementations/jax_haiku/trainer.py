@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
 from implementations import contract
+from implementations.jax_devices import (data_parallel_shardings, devices_environment, own_device,
+                                          select_devices)
 
 
 # --- Model -----------------------------------------------------------------------------------------------------------
@@ -106,42 +106,6 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState  # momentum buffers shaped like params; the step count that indexes the schedule
 
 
-def select_devices(config: contract.RunConfig) -> list[jax.Device]:
-    """One device per replica: GPUs where there are (or --device cuda), else the CPU."""
-    if config.replicas > 1:  # the CPU as N XLA host devices: set before the backend starts, harmless on a GPU machine
-        jax.config.update("jax_num_cpu_devices", config.replicas)
-    if config.device == "cpu":
-        devices = jax.devices("cpu")
-    elif config.device == "cuda" and jax.default_backend() != "gpu":
-        raise contract.ConfigError("--device cuda: JAX sees no CUDA GPU (install jax[cuda12] or jax[cuda13]); "
-                                   "use --device cpu")
-    else:
-        devices = jax.devices()  # JAX's default backend: the GPUs when there are
-    if len(devices) < config.replicas:
-        raise contract.ConfigError(f"--replicas {config.replicas}: JAX sees {len(devices)} {devices[0].platform} "
-                                   "device(s); lower --replicas")
-    # fp32 matmuls and convolutions on GPU: TF32 tensor cores or strict fp32 (no effect on CPU).
-    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if config.allow_tf32 else "float32")
-    return devices[:config.replicas]
-
-
-def data_parallel_shardings(devices: list[jax.Device]) -> tuple[NamedSharding, NamedSharding]:
-    """Data parallel with jax.sharding: the model, its state and the dataset replicated on every device, each batch
-    split into contiguous shards along a "batch" mesh axis. jit compiles the step for the global batch and XLA inserts
-    the all-reduces: gradients and BatchNorm's batch statistics are those of the whole batch, as on one device."""
-    mesh = Mesh(np.array(devices), ("batch",))
-    return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
-
-
-def devices_environment(devices: list[jax.Device]) -> dict:
-    names = [device.device_kind if device.platform == "gpu" else "CPU" for device in devices]
-    if len(devices) == 1:
-        return {"device": names[0]}
-    # XLA:CPU's host devices share one thread pool of every core; a GPU replica is its GPU.
-    threads = len(os.sched_getaffinity(0)) if devices[0].platform == "cpu" else None
-    return {"device": names[0], "devices": names, "threads_per_replica": threads}
-
-
 def make_optimizer(learning_rate: optax.Schedule) -> optax.GradientTransformation:
     # optax's trace is PyTorch's momentum: buf = 0.9 * buf + grad; params -= lr * buf.
     return optax.sgd(learning_rate=learning_rate, momentum=contract.SGD_MOMENTUM)
@@ -152,7 +116,7 @@ class HaikuTrainer(contract.Trainer):
 
     def build(self, weights):
         self.devices = select_devices(self.config)
-        self.device = self.devices[0]
+        self.device = own_device(self.devices)
         self.replicated, self.batch_sharding = data_parallel_shardings(self.devices)
         dtype = jnp.bfloat16 if self.config.precision == "bf16" else jnp.float32
         table = jnp.asarray(self.schedule)

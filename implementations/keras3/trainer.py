@@ -200,6 +200,10 @@ class KerasTrainer(contract.Trainer):
     data_parallel = "keras.distribution.DataParallel" if keras.backend.backend() == "jax" else None
 
     def build(self, weights):
+        if contract.job_process().processes > 1:
+            raise contract.Unsupported("a job of several processes: Keras' DataParallel feeds each process its own part "
+                                       "of the input there (keras.distribution.initialize), and this page feeds global "
+                                       "batches; run keras-jax on one process (--replicas N over its devices)")
         if self.config.replicas > 1:  # the CPU as N XLA host devices: set before JAX's backend starts
             import jax
             jax.config.update("jax_num_cpu_devices", self.config.replicas)

@@ -6,7 +6,6 @@ A page of the Rosetta stone: the sections of contract.PAGE_SECTIONS, in order, a
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 
 import numpy as np
@@ -102,12 +101,12 @@ def synchronize_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
 def init_data_parallel(config: contract.RunConfig) -> tuple[int, int]:
     """This process's replica (rank) and the number of replicas, from torchrun's environment variables, which the
     harness sets as torchrun does: one process per replica, each running this page."""
-    replicas = int(os.environ.get("WORLD_SIZE", 1))
-    if replicas != config.replicas:
+    job = contract.job_process()
+    if job.processes != config.replicas:
         raise contract.ConfigError(f"--replicas {config.replicas}: the PyTorch page trains one process per replica and "
-                                   f"was started as {replicas}; start it with torchrun --nproc-per-node "
+                                   f"was started as {job.processes}; start it with torchrun --nproc-per-node "
                                    f"{config.replicas} (the harness does this for registered frameworks)")
-    return int(os.environ.get("RANK", 0)), replicas
+    return job.rank, job.processes
 
 
 def mean_over_replicas(values: torch.Tensor) -> torch.Tensor:
@@ -131,7 +130,7 @@ def select_device(config: contract.RunConfig) -> torch.device:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise contract.ConfigError("--device cuda: PyTorch sees no CUDA GPU (is this a CPU-only torch build?); use --device cpu")
     cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", contract.job_process().local_rank) if cuda else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # this replica's GPU: NCCL's and the CUDA allocator's current device
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.allow_tf32

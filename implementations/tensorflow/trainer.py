@@ -7,6 +7,7 @@ A page of the Rosetta stone: the sections of contract.PAGE_SECTIONS, in order, a
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: keeps its C++ notices out of the log
@@ -143,29 +144,59 @@ class ResNet18(keras.Model):
 
 # --- State -----------------------------------------------------------------------------------------------------------
 def select_devices(config: contract.RunConfig) -> list[str]:
-    """Configure TensorFlow's devices (before its first op, which fixes them) and name one per replica."""
+    """Configure TensorFlow's devices (before its first op, which fixes them) and name this process's, one per replica.
+    In a job of several processes (contract.JobProcess), one replica per process: this process's device only."""
+    job = contract.job_process()
+    if job.processes > 1:
+        check_cluster(job, config)
     gpus = tf.config.list_physical_devices("GPU")
     if config.device == "cuda" and not gpus:
         raise contract.ConfigError("--device cuda: TensorFlow sees no GPU (tensorflow-cpu, or CUDA libraries missing: "
                                    "pip install 'tensorflow[and-cuda]'); use --device cpu")
     tf.config.experimental.enable_tensor_float_32_execution(config.allow_tf32)  # GPUs only; TF's default: on
+    local_replicas = config.replicas // job.processes
     if config.device == "cpu" or not gpus:
         tf.config.set_visible_devices([], "GPU")
-        if config.replicas > 1:  # the CPU as N logical devices, which share its thread pools
+        if local_replicas > 1:  # the CPU as N logical devices, which share its thread pools
             [cpu] = tf.config.list_physical_devices("CPU")
-            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * config.replicas)
-        return [f"/CPU:{index}" for index in range(config.replicas)]
-    if len(gpus) < config.replicas:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * local_replicas)
+        return [f"/CPU:{index}" for index in range(local_replicas)]
+    if job.processes > 1:  # this process's GPU, as torchrun's ranks take them
+        gpus = gpus[job.local_rank:job.local_rank + 1]
+        tf.config.set_visible_devices(gpus, "GPU")
+    if len(gpus) < local_replicas:
         raise contract.ConfigError(f"--replicas {config.replicas}: TensorFlow sees {len(gpus)} GPU(s); lower --replicas")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)  # allocate as needed, not the whole card up front
-    return [f"/GPU:{index}" for index in range(config.replicas)]
+    return [f"/GPU:{index}" for index in range(local_replicas)]
+
+
+def check_cluster(job: contract.JobProcess, config: contract.RunConfig) -> None:
+    """MultiWorkerMirroredStrategy reads its cluster from TF_CONFIG: it must name this process as worker RANK of
+    WORLD_SIZE workers, or the replicas would take other shards of the batch than the contract's."""
+    if job.processes != config.replicas:
+        raise contract.ConfigError(f"--replicas {config.replicas}: a TensorFlow job trains one replica per process and "
+                                   f"was started as WORLD_SIZE={job.processes}; pass --replicas {job.processes}")
+    try:
+        cluster = json.loads(os.environ["TF_CONFIG"])
+        workers, index = cluster["cluster"]["worker"], cluster["task"]["index"]
+    except (KeyError, TypeError, ValueError):
+        raise contract.ConfigError(
+            f"WORLD_SIZE={job.processes}: TensorFlow's MultiWorkerMirroredStrategy needs TF_CONFIG on every process, as "
+            'JSON: {"cluster": {"worker": ["host0:port", "host1:port", ...]}, "task": {"type": "worker", "index": RANK}}'
+            ' (README, "Across processes and machines")') from None
+    if len(workers) != job.processes or index != job.rank:
+        raise contract.ConfigError(f"TF_CONFIG names {len(workers)} worker(s) and this process as index {index!r}, but "
+                                   f"it is RANK={job.rank} of WORLD_SIZE={job.processes}: make them agree")
 
 
 def data_parallel_strategy(devices: list[str]) -> tf.distribute.Strategy:
     """tf.distribute.MirroredStrategy: variables mirrored on every device; each replica runs the step on its shard of
-    the batch, the optimizer sums their gradients (all-reduce) and BatchNorm2d all-reduces its statistics. On one
-    device, TensorFlow's default strategy, under which strategy.run is a plain call."""
+    the batch, the optimizer sums their gradients (all-reduce) and BatchNorm2d all-reduces its statistics. In a job of
+    several processes, MultiWorkerMirroredStrategy: the same, its collectives between the processes of TF_CONFIG. On
+    one device, TensorFlow's default strategy, under which strategy.run is a plain call."""
+    if contract.job_process().processes > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else tf.distribute.get_strategy()
 
 
@@ -226,12 +257,14 @@ class KerasTrainer(contract.Trainer):
         self.import_weights(weights)
 
     def environment(self):
-        names = ["CPU"] * len(self.devices)
+        replicas = self.strategy.num_replicas_in_sync  # in a job, all processes' (this one names its own devices)
+        names = ["CPU"] * replicas
         if self.device != "/CPU:0":
-            gpus = tf.config.list_physical_devices("GPU")
-            names = [tf.config.experimental.get_device_details(gpu)["device_name"] for gpu in gpus[:len(self.devices)]]
+            gpus = tf.config.get_visible_devices("GPU")[:len(self.devices)]
+            names = [tf.config.experimental.get_device_details(gpu)["device_name"] for gpu in gpus]
+            names *= replicas // len(names)
         environment = {"framework_version": tf.__version__, "device": names[0]}
-        if len(self.devices) > 1:  # logical CPU devices share TensorFlow's thread pools of every core
+        if replicas > 1:  # logical CPU devices (or each process of a job) use TensorFlow's thread pools of every core
             threads = len(os.sched_getaffinity(0)) if self.device == "/CPU:0" else None
             environment |= {"devices": names, "threads_per_replica": threads}
         return environment
