@@ -94,7 +94,7 @@ def same_machine_and_device(baseline: RunFile, before: RunRecord, new: RunFile, 
 
 
 def config_notes(framework: str, before: RunRecord, after: RunRecord) -> list[Line]:
-    old, new = before.config or {}, after.config or {}
+    old, new = before.options, after.options
     changes = [f"{key} {old.get(key)} → {new.get(key)}" for key in sorted(old.keys() | new.keys())
                if old.get(key) != new.get(key)]
     if not changes:

@@ -31,6 +31,8 @@ RUN_OPTIONS = [
     ("--batch-size", dict(type=int, default=None,
                           help="training batch size (full: 128); the peak learning rate scales with it, 0.1 per 256")),
     ("--train-subset", dict(type=int, default=None, help="train on the first N images only (full: all 60,000)")),
+    ("--test-subset", dict(type=int, default=None,
+                           help="evaluate on the first N test images only, a multiple of 1000 (default: all 10,000)")),
     ("--replicas", dict(type=int, default=None,
                         help="data-parallel replicas on the framework's own engine (default 1): each batch is split "
                              "over them; frameworks without an engine are skipped")),
@@ -58,7 +60,7 @@ def run_config(values: dict) -> contract.RunConfig:
     """The RunConfig named by parsed option values ({dest: value}); a ConfigError names a bad option."""
     return contract.preset(values["preset"]).with_options(
         epochs=values["epochs"], batch_size=values["batch_size"], train_subset=values["train_subset"],
-        replicas=values["replicas"],
+        test_subset=values["test_subset"], replicas=values["replicas"],
         device=values["device"], seed=values["seed"], precision=values["precision"], min_accuracy=values["min_accuracy"],
         allow_tf32=False if values["no_tf32"] else None, compile=True if values["compile"] else None)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
+from implementations import contract
 
 SCHEMA_VERSION = 2  # 1: the first harness's extra_info (no "schema" key): read as version 2 with the new fields unset
 # Top-level keys `pytest bench` adds to pytest-benchmark's JSON.
@@ -85,8 +86,13 @@ class RunRecord:
         return statistics.median(self.epoch_seconds) if self.epoch_seconds else None
 
     @property
+    def options(self) -> dict:
+        """The run's options; one that an older record lacks (the option came later) at its default, what it ran with."""
+        return {} if self.config is None else {**contract.RunConfig().as_dict(), **self.config}
+
+    @property
     def replicas(self) -> int:
-        return (self.config or {}).get("replicas", 1)
+        return self.options.get("replicas", 1)
 
     @property
     def images_per_second(self) -> float | None:

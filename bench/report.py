@@ -65,7 +65,8 @@ def runs_of(frameworks: Series) -> list[RunFile]:
 # --- Tables -----------------------------------------------------------------------------------------------------------
 HISTORY_COLUMNS = ("framework", "run", "date", "commit", "version", "epochs", "train images", "median epoch s",
                    "Δ time", "images/s", "test accuracy", "Δ accuracy", "peak memory", "Δ memory")
-TIMING_NEUTRAL = {"seed", "min_accuracy", "epochs"}  # run options that leave the work of one epoch unchanged
+# Run options that leave the work of one epoch unchanged (evaluation is not timed).
+TIMING_NEUTRAL = {"seed", "min_accuracy", "epochs", "test_subset"}
 
 
 def relative_change(old, new) -> str:
@@ -115,7 +116,7 @@ def config_changes(frameworks: Series) -> list[str]:
     """The run options that vary within each framework's series: what makes an epoch time differ besides the code."""
     notes = []
     for framework, entries in frameworks.items():
-        configs = [record.config or {} for _, record in entries]
+        configs = [record.options for _, record in entries]
         varying = [f"{key} {'/'.join(str(config.get(key)) for config in configs)}"
                    for key in sorted(set().union(*configs) - TIMING_NEUTRAL)
                    if len({repr(config.get(key)) for config in configs}) > 1]

@@ -71,6 +71,7 @@ class RunConfig:
     allow_tf32: bool = True  # CUDA only: TF32 tensor cores for fp32 matmuls/convolutions (off: strict fp32)
     compile: bool = False  # the framework's optional graph compiler: torch.compile, TensorFlow XLA (JAX always jits)
     train_subset: int | None = None  # first N training images; None: all 60,000
+    test_subset: int | None = None  # evaluate on the first N test images (whole evaluation batches); None: all 10,000
     # Data parallel on the framework's own engine: each step's batch is split into `replicas` contiguous shards, one per
     # replica (device), gradients are averaged and BatchNorm statistics taken over the whole batch: the same model.
     replicas: int = 1
@@ -91,6 +92,10 @@ class RunConfig:
         if self.train_subset is not None and self.train_subset < self.batch_size:
             raise ConfigError(f"--train-subset {self.train_subset} is smaller than --batch-size {self.batch_size}: "
                               "an epoch would have no full batch; raise the subset or lower the batch size")
+        if self.test_subset is not None and (not isinstance(self.test_subset, int) or self.test_subset < 1
+                                             or self.test_subset % EVAL_BATCH_SIZE):
+            raise ConfigError(f"--test-subset must be a positive multiple of {EVAL_BATCH_SIZE} (whole evaluation "
+                              f"batches, so that every one has the same static shape), got {self.test_subset!r}")
         if self.batch_size % self.replicas:
             raise ConfigError(f"--batch-size {self.batch_size} does not split into --replicas {self.replicas} equal "
                               "shards: choose a number of replicas that divides the batch size")
@@ -134,7 +139,7 @@ def preset(name: str) -> RunConfig:
 class Data(NamedTuple):
     train_images: np.ndarray  # [N, 1, 28, 28] float32, normalized (NCHW; NHWC frameworks transpose once)
     train_labels: np.ndarray  # [N] int32
-    test_images: np.ndarray  # [10000, 1, 28, 28] float32
+    test_images: np.ndarray  # [10000, 1, 28, 28] float32 (the first --test-subset only, where given)
     test_labels: np.ndarray  # [10000] int32
 
 
@@ -148,8 +153,11 @@ def prepare_data(train_images, train_labels, test_images, test_labels, config: R
     n = len(train_images) if config.train_subset is None else config.train_subset
     if n > len(train_images):
         raise ConfigError(f"--train-subset {n} is larger than the {len(train_images)} training images")
+    tests = len(test_images) if config.test_subset is None else config.test_subset
+    if tests > len(test_images):
+        raise ConfigError(f"--test-subset {tests} is larger than the {len(test_images)} test images")
     return Data(normalize(train_images[:n]), train_labels[:n].astype(np.int32),
-                normalize(test_images), test_labels.astype(np.int32))
+                normalize(test_images[:tests]), test_labels[:tests].astype(np.int32))
 
 
 def nhwc(images: np.ndarray) -> np.ndarray:
@@ -343,7 +351,7 @@ class EpochResult(NamedTuple):
 
 class Evaluation(NamedTuple):
     loss: float
-    accuracy: float  # fraction of the 10,000 test images
+    accuracy: float  # fraction of the test images (all 10,000, or --test-subset's)
 
 
 @dataclass

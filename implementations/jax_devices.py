@@ -25,9 +25,17 @@ def select_devices(config: contract.RunConfig) -> list[jax.Device]:
             raise contract.ConfigError(f"--replicas {config.replicas}: a JAX job trains one replica per process and "
                                        f"was started as WORLD_SIZE={job.processes}; pass --replicas {job.processes}")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # XLA:CPU's own cannot cross processes
-        # One GPU per process, as torchrun's ranks take them (LOCAL_RANK); the CPU is one device per process.
-        jax.distributed.initialize(job.coordinator, job.processes, job.rank,
-                                   local_device_ids=None if config.device == "cpu" else [job.local_rank])
+        # JAX's own variable first: under torchrun, torchrun's store holds MASTER_PORT.
+        coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS") or job.coordinator
+        try:  # one GPU per process, as torchrun's ranks take them (LOCAL_RANK); the CPU is one device per process
+            jax.distributed.initialize(coordinator, job.processes, job.rank,
+                                       local_device_ids=None if config.device == "cpu" else [job.local_rank])
+        except jax.errors.JaxRuntimeError as error:
+            if "Failed to start RPC server" not in str(error):
+                raise
+            raise contract.ConfigError(f"jax.distributed: rank 0 cannot listen on {coordinator}, which is in use (under "
+                                       "torchrun, by torchrun's store); set JAX_COORDINATOR_ADDRESS to rank 0's host "
+                                       "and a free port, the same for every process") from None
     elif config.replicas > 1:  # the CPU as N XLA host devices: set before the backend starts, harmless on a GPU machine
         jax.config.update("jax_num_cpu_devices", config.replicas)
     if config.device == "cpu":

@@ -127,6 +127,18 @@ def test_gate_tolerances_are_options(capsys, real_run, data, tmp_path):
     assert run_gate(capsys, real_run, slower_file, "--max-time-increase", "0.2")[0] == 1
 
 
+def test_an_option_that_a_baseline_predates_counts_at_its_default(capsys, real_run, data, tmp_path):
+    """A baseline recorded before an option existed ran with the option's default: no configuration note for it; a
+    real change of an option is still noted."""
+    config = entry(data)["extra_info"]["config"]
+    older = write(tmp_path / "older.json", variant(data, config={k: v for k, v in config.items() if k != "replicas"}))
+    code, out, _ = run_gate(capsys, older, real_run)
+    assert code == 0 and "run configuration differs" not in out, out
+    reseeded = write(tmp_path / "reseeded.json", variant(data, config={**config, "seed": 1}))
+    code, out, _ = run_gate(capsys, older, reseeded)
+    assert f"note: {FRAMEWORK}: run configuration differs from the baseline (seed 0 → 1)" in out, out
+
+
 def test_gate_matches_by_framework_not_by_test_name(capsys, real_run, data, tmp_path):
     code, out, _ = run_gate(capsys, real_run, write(tmp_path / "renamed.json", renamed(data)))
     assert code == 1 and f"REGRESSION {FRAMEWORK} test accuracy" in out and "(-2.00 points; allowed -1.00)" in out

@@ -21,7 +21,7 @@ from bench.run import FrameworkRun
 from bench.worker import FrameworkWorker, WorkerError
 from implementations import FRAMEWORKS, contract
 
-from commands import run_python
+from commands import QUICK, run_python
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = contract.PRESETS["smoke"]
@@ -76,8 +76,7 @@ def test_replicas_run_on_the_engine_of_each_framework_that_has_one_and_skip_the_
     """--replicas 2: PyTorch as two torch.distributed processes on localhost (gloo), recorded as two replicas; a
     framework without a data-parallel engine is skipped, saying so."""
     out = tmp_path / "run.json"
-    result = run_python("-m", "pytest", "bench", "--replicas", "2", "--preset", "smoke", "--epochs", "1",
-                        "--train-subset", "256", "--min-accuracy", "0", "--frameworks=pytorch,keras-torch",
+    result = run_python("-m", "pytest", "bench", "--replicas", "2", *QUICK, "--frameworks=pytorch,keras-torch",
                         "--mnist-dir", mnist_dir, "-p", "no:cacheprovider", f"--benchmark-json={out}", "-rs")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed, 1 skipped" in result.stdout and "KerasTrainer has no data-parallel engine" in result.stdout
@@ -95,8 +94,7 @@ def test_a_launched_job_runs_one_replica_per_benchmark_process_and_rank_0_keeps_
     job through the variables it inherits, both train the contract's batches, and only rank 0 writes the record."""
     out = tmp_path / "run.json"
     result = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "bench", "run",
-                        "pytorch", "--replicas", "2", "--preset", "smoke", "--epochs", "1", "--train-subset", "256",
-                        "--min-accuracy", "0", "--mnist-dir", mnist_dir, "--output", str(out),
+                        "pytorch", "--replicas", "2", *QUICK, "--mnist-dir", mnist_dir, "--output", str(out),
                         env={"COLUMNS": "200"})  # rich's lines unwrapped
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -166,8 +164,7 @@ def test_user_errors_in_the_worker_come_back_without_a_traceback(mnist_dir):
 # --- The CLI ----------------------------------------------------------------------------------------------------------
 def test_cli_run_prints_a_summary_and_keeps_the_record(tmp_path, mnist_dir):
     out = tmp_path / "run.json"
-    args = ["-m", "bench", "run", "pytorch", "--preset", "smoke", "--epochs", "1", "--min-accuracy", "0",
-            "--mnist-dir", mnist_dir, "--output", str(out)]
+    args = ["-m", "bench", "run", "pytorch", *QUICK, "--mnist-dir", mnist_dir, "--output", str(out)]
     result = run_python(*args)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "epoch 1/1:" in result.stdout and "images/s" in result.stdout and "| pytorch |" in result.stdout

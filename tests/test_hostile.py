@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 
 from bench.worker import SHUTDOWN_GRACE_S
-from commands import REPO, TESTS, run_python
+from commands import QUICK, REPO, TESTS, run_python
 
-QUICK = ["--preset", "smoke", "--epochs", "1", "--train-subset", "256", "--min-accuracy", "0"]
 MINE = "mine=implementations.pytorch.trainer:TorchTrainer"
 HANG = "hang=faulty_trainers:HangingTrainer"
 
@@ -29,6 +28,7 @@ HANG = "hang=faulty_trainers:HangingTrainer"
 BAD_OPTIONS = {  # options -> what the one line says
     ("--seed", "-1"): "--seed must be a non-negative integer",
     ("--batch-size", "1"): "--batch-size must be at least 2",
+    ("--test-subset", "1500"): "--test-subset must be a positive multiple of 1000",
     ("--replicas", "0"): "--replicas must be a positive integer",
     ("--replicas", "3"): "--batch-size 128 does not split into --replicas 3 equal shards",
     ("--worker-timeout", "nan"): "argument --worker-timeout: positive, finite seconds, got 'nan'",

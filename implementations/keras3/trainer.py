@@ -295,7 +295,7 @@ class KerasTrainer(contract.Trainer):
 
         with keras.device(self.device):
             steps = len(self.data.test_labels) // contract.EVAL_BATCH_SIZE
-            loss, accuracy = self.model.evaluate(test_batches(), steps=steps, verbose=0)  # means over all 10,000 images
+            loss, accuracy = self.model.evaluate(test_batches(), steps=steps, verbose=0)  # means over all the test images
         return contract.Evaluation(float(loss), float(accuracy))
 
     def logits(self, images, train):
