@@ -23,7 +23,7 @@ import pytest
 from bench import options
 from bench.errors import BenchError
 from bench.record import INTERRUPTED, SELECTED_FRAMEWORKS, MatmulRate, RunRecord
-from bench.run import check_job, require_installed, resolve_frameworks
+from bench.run import require_installed, resolve_frameworks
 from bench.summary import summary_table
 from bench.worker import check_trainer_classes
 from bench.yardstick import measure_matmul_rate
@@ -113,7 +113,8 @@ def checked_session(config) -> BenchSession:
     names = [name.strip() for name in names.split(",")] if names else [*FRAMEWORKS, *extra_modules]
     run_config = options.run_config(values)
     session = BenchSession(run_config, options.mnist_dir(values), not values["no_verify_digests"],
-                           values["worker_timeout"], resolve_frameworks(names, extra_modules), check_job(run_config))
+                           values["worker_timeout"], resolve_frameworks(names, extra_modules),
+                           contract.job_process(run_config))
     target = config.getoption("benchmark_json", None)
     if target is not None and session.job.rank == 0:
         options.check_output_path(Path(target), "--benchmark-json")

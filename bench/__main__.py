@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench import options
 from bench.errors import BenchError
-from bench.run import FrameworkRun, accuracy_failure, check_job, require_installed, resolve_frameworks
+from bench.run import FrameworkRun, accuracy_failure, require_installed, resolve_frameworks
 from bench.summary import summary_table
 from bench.yardstick import measure_matmul_rate
 from implementations import FRAMEWORKS, contract
@@ -65,7 +65,7 @@ def keep_elsewhere(text: str) -> str:
 def run(args: argparse.Namespace, console: Console) -> int:
     values = vars(args)
     config = options.run_config(values)
-    job = check_job(config)
+    job = contract.job_process(config)  # one replica per process, checked before anything runs
     (framework,) = resolve_frameworks([args.framework], {})
     require_installed(framework)
     output = Path(args.output) if args.output and job.rank == 0 else None  # a launched job's record is rank 0's

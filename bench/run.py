@@ -40,16 +40,6 @@ def require_installed(framework: Framework) -> None:
         raise BenchError(f"{framework.name} is not installed (missing {', '.join(missing)}): {framework.install_hint}")
 
 
-def check_job(config: contract.RunConfig) -> contract.JobProcess:
-    """This benchmark process's place in a launched job (torchrun's variables; see the README's "Across processes and
-    machines"), checked against --replicas before any training: one replica per process."""
-    job = contract.job_process()
-    if job.processes > 1 and config.replicas != job.processes:
-        raise BenchError(f"--replicas {config.replicas}: this benchmark process is RANK={job.rank} of a job of "
-                         f"WORLD_SIZE={job.processes}, one replica per process; pass --replicas {job.processes}")
-    return job
-
-
 def worker_processes(framework: Framework, config: contract.RunConfig) -> int:
     """How many worker processes this benchmark process starts: one where it is a rank of a launched job (its worker
     joins the other ranks' through the variables it inherits), else one per replica where the framework's engine runs

@@ -191,8 +191,9 @@ class JobProcess(NamedTuple):
     coordinator: str | None = None  # "MASTER_ADDR:MASTER_PORT": where rank 0 listens for the others
 
 
-def job_process() -> JobProcess:
-    """This process's JobProcess; a ConfigError names a variable that is missing or not a number."""
+def job_process(config: RunConfig | None = None) -> JobProcess:
+    """This process's JobProcess; a ConfigError names a variable that is missing or not a number, or, given the run's
+    `config`, a job whose size is not its --replicas (one replica per process)."""
     environment = os.environ
     try:
         processes = int(environment.get("WORLD_SIZE", 1))
@@ -207,6 +208,9 @@ def job_process() -> JobProcess:
     if processes > 1 and not (address and port):
         raise ConfigError(f"WORLD_SIZE={processes} needs MASTER_ADDR and MASTER_PORT: rank 0's host and a free port "
                           "on it, the same for every process of the job")
+    if config is not None and processes > 1 and config.replicas != processes:
+        raise ConfigError(f"--replicas {config.replicas}: this process is RANK={rank} of a job of WORLD_SIZE={processes}, "
+                          f"one replica per process; pass --replicas {processes}")
     return JobProcess(rank, processes, local_rank, f"{address}:{port}" if processes > 1 else None)
 
 

@@ -19,11 +19,8 @@ from implementations import contract
 
 def select_devices(config: contract.RunConfig) -> list[jax.Device]:
     """One device per replica: GPUs where there are (or --device cuda), else the CPU."""
-    job = contract.job_process()
+    job = contract.job_process(config)
     if job.processes > 1:
-        if job.processes != config.replicas:
-            raise contract.ConfigError(f"--replicas {config.replicas}: a JAX job trains one replica per process and "
-                                       f"was started as WORLD_SIZE={job.processes}; pass --replicas {job.processes}")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # XLA:CPU's own cannot cross processes
         # JAX's own variable first: under torchrun, torchrun's store holds MASTER_PORT.
         coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS") or job.coordinator

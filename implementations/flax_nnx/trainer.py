@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
+
 from implementations import contract
 from implementations.jax_devices import (data_parallel_shardings, devices_environment, own_device,
                                           select_devices)

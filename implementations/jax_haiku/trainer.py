@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 from implementations import contract
 from implementations.jax_devices import (data_parallel_shardings, devices_environment, own_device,
                                           select_devices)

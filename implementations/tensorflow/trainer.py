@@ -146,9 +146,9 @@ class ResNet18(keras.Model):
 def select_devices(config: contract.RunConfig) -> list[str]:
     """Configure TensorFlow's devices (before its first op, which fixes them) and name this process's, one per replica.
     In a job of several processes (contract.JobProcess), one replica per process: this process's device only."""
-    job = contract.job_process()
+    job = contract.job_process(config)
     if job.processes > 1:
-        check_cluster(job, config)
+        check_cluster(job)
     gpus = tf.config.list_physical_devices("GPU")
     if config.device == "cuda" and not gpus:
         raise contract.ConfigError("--device cuda: TensorFlow sees no GPU (tensorflow-cpu, or CUDA libraries missing: "
@@ -171,12 +171,9 @@ def select_devices(config: contract.RunConfig) -> list[str]:
     return [f"/GPU:{index}" for index in range(local_replicas)]
 
 
-def check_cluster(job: contract.JobProcess, config: contract.RunConfig) -> None:
+def check_cluster(job: contract.JobProcess) -> None:
     """MultiWorkerMirroredStrategy reads its cluster from TF_CONFIG: it must name this process as worker RANK of
     WORLD_SIZE workers, or the replicas would take other shards of the batch than the contract's."""
-    if job.processes != config.replicas:
-        raise contract.ConfigError(f"--replicas {config.replicas}: a TensorFlow job trains one replica per process and "
-                                   f"was started as WORLD_SIZE={job.processes}; pass --replicas {job.processes}")
     try:
         cluster = json.loads(os.environ["TF_CONFIG"])
         workers, index = cluster["cluster"]["worker"], cluster["task"]["index"]
