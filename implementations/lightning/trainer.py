@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from implementations import contract
-from implementations.pytorch.trainer import (ResNet18, batches_of_all_replicas, device_data, export_canonical,
-                                              import_canonical, init_data_parallel, make_optimizer, mean_over_replicas,
-                                              select_device, synchronize_batchnorm)
+from implementations.pytorch.trainer import (ResNet18, batches_of_all_replicas, device_data, devices_environment,
+                                              export_canonical, import_canonical, init_data_parallel, make_optimizer,
+                                              mean_over_replicas, process_group_backend, select_device,
+                                              synchronize_batchnorm)
 
 LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed"}  # bf16-mixed: autocast around each step, fp32 weights
 
@@ -119,7 +120,7 @@ class LightningTrainer(contract.Trainer):
         self.module = ResNet18Module(self.schedule)
         if self.replicas > 1:
             # Joined here, not at the first fit, so that environment() can gather; Lightning then finds it joined.
-            torch.distributed.init_process_group(self.process_group_backend)
+            torch.distributed.init_process_group(process_group_backend(self.device))
             # The PyTorch page's synchronized BatchNorm: Lightning's sync_batchnorm is nn.SyncBatchNorm, GPU-only.
             self.module.model = synchronize_batchnorm(self.module.model, self.device)
         # Channels-last, as on the PyTorch page; Lightning's own move to the device keeps the layout.
@@ -129,18 +130,9 @@ class LightningTrainer(contract.Trainer):
         self.train_images, self.train_labels, self.test_images, self.test_labels = device_data(self.data, self.device)
         self.import_weights(weights)
 
-    @property
-    def process_group_backend(self) -> str:
-        return "nccl" if self.device.type == "cuda" else "gloo"
-
     def environment(self):
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
-        environment = {"framework_version": pl.__version__, "device": name}
-        if self.replicas > 1:
-            names = [None] * self.replicas
-            torch.distributed.all_gather_object(names, name)
-            environment |= {"devices": names, "threads_per_replica": torch.get_num_threads()}
-        return environment
+        return {"framework_version": pl.__version__, **devices_environment(name)}
 
     def memory_peak_bytes(self):
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
@@ -150,7 +142,7 @@ class LightningTrainer(contract.Trainer):
         device = torch.device("cuda", torch.cuda.current_device()) if self.device.type == "cuda" else self.device
         strategy = StayOnDevice(device)
         if self.replicas > 1:  # gloo on CPU, NCCL on GPUs; each rank's loader holds its shards: no sampler of Lightning's
-            strategy = StayOnDeviceDDP(process_group_backend=self.process_group_backend)
+            strategy = StayOnDeviceDDP(process_group_backend=process_group_backend(self.device))
         # Nothing but the loop: no checkpoints, logger, progress bar, model summary or sanity validation in the epochs.
         return pl.Trainer(accelerator=self.device.type, strategy=strategy, devices=self.replicas,
                           use_distributed_sampler=False, precision=LIGHTNING_PRECISION[self.config.precision], max_epochs=0,

@@ -109,6 +109,19 @@ def init_data_parallel(config: contract.RunConfig) -> tuple[int, int]:
     return job.rank, job.processes
 
 
+def process_group_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"  # torch.distributed's collectives: NCCL on GPUs, gloo on CPU
+
+
+def devices_environment(name: str) -> dict:
+    """The environment's device fields: with replicas, every replica's device (gathered) and this one's threads."""
+    if not dist.is_initialized():
+        return {"device": name}
+    names = [None] * dist.get_world_size()
+    dist.all_gather_object(names, name)
+    return {"device": name, "devices": names, "threads_per_replica": torch.get_num_threads()}
+
+
 def mean_over_replicas(values: torch.Tensor) -> torch.Tensor:
     """Each replica's means over its shard as means over the global batch (equal shards); as they are on one device."""
     if dist.is_initialized():
@@ -159,8 +172,8 @@ class TorchTrainer(contract.Trainer):
         # Channels-last (NHWC) convolutions are faster with oneDNN on CPU (620 vs 530 images/s here) and tensor cores.
         self.model = ResNet18().to(self.device, memory_format=torch.channels_last)
         network = self.model
-        if self.replicas > 1:  # gloo on CPU, NCCL on GPUs; env:// reads MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.replicas > 1:  # env:// reads MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
+            dist.init_process_group(process_group_backend(self.device))
             self.model = synchronize_batchnorm(self.model, self.device)
             # DDP averages the gradients over the replicas during backward; the synchronized BatchNorm statistics are
             # equal everywhere, so broadcasting rank 0's (DDP's default) would only cost time.
@@ -172,12 +185,7 @@ class TorchTrainer(contract.Trainer):
 
     def environment(self):
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
-        environment = {"framework_version": torch.__version__, "device": name}
-        if self.replicas > 1:
-            names = [None] * self.replicas
-            dist.all_gather_object(names, name)
-            environment |= {"devices": names, "threads_per_replica": torch.get_num_threads()}
-        return environment
+        return {"framework_version": torch.__version__, **devices_environment(name)}
 
     def memory_peak_bytes(self):
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
