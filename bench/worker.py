@@ -20,6 +20,7 @@ import os
 import resource
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -27,7 +28,7 @@ import traceback
 from bench.errors import BenchError
 
 DEFAULT_CALL_TIMEOUT_S = 1800.0  # per worker call: one epoch of a slow framework on a 2-core CPU fits
-SHUTDOWN_GRACE_S = 5.0  # after close(): an idle worker exits at once, a busy one is terminated after this
+SHUTDOWN_GRACE_S = 5.0  # close(): how long a worker may take to end before the next, harder stop (SIGTERM, SIGKILL)
 # What the benchmark process may ask of a trainer (plus "peak_rss_bytes" and "build", served by the worker itself).
 TRAINER_METHODS = frozenset({
     "environment", "warm_up", "train_step", "train_epoch", "evaluate", "logits", "learning_rates",
@@ -67,8 +68,8 @@ def serve(connection, module: str, environment: tuple[tuple[str, str], ...], par
     while True:
         try:
             method, args = connection.recv()
-        except EOFError:  # the benchmark process closed the pipe
-            return
+        except EOFError:  # the benchmark process closed the pipe: nothing is left to do
+            exit_now()
         try:
             if method == "build":
                 trainer = build_trainer(module, *args)
@@ -89,7 +90,15 @@ def serve(connection, module: str, environment: tuple[tuple[str, str], ...], par
         try:
             connection.send(reply)
         except OSError:  # the benchmark process stopped listening mid-call (it was interrupted): nothing to say
-            return
+            exit_now()
+
+
+def exit_now() -> None:
+    """End the worker without the interpreter's teardown: unloading a framework takes seconds (a two-rank Lightning
+    job's rank did not end within SHUTDOWN_GRACE_S), and nothing of the worker's is left to save."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def build_trainer(module: str, config, mnist_dir, verify_digests: bool):
@@ -110,6 +119,7 @@ class FrameworkWorker:
     def __init__(self, framework: str, module: str, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
                  environment: tuple[tuple[str, str], ...] = (), ranks: int = 1):
         self.framework, self.timeout_s = framework, timeout_s
+        self.busy = False  # a call is in flight (interrupted, past its limit, a rank failed): close() stops at once
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no framework state inherited
         ports = [free_port() for _ in range(ranks + 1)] if ranks > 1 else None
         self.ranks = []  # (process, connection), rank 0 first
@@ -137,6 +147,7 @@ class FrameworkWorker:
     def call(self, method: str, *args, timeout_s: float | None = None):
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
+        self.busy = True
         for rank, (_, connection) in enumerate(self.ranks):
             try:
                 connection.send((method, args))
@@ -157,6 +168,7 @@ class FrameworkWorker:
                     raise self.died(rank, method) from None
         if pending:  # a rank failed: the others may be waiting for it in a collective
             self.close()
+        self.busy = False
         for rank in sorted(replies):
             kind, *content = replies[rank]
             if kind == "unsupported":
@@ -186,10 +198,12 @@ class FrameworkWorker:
         return error
 
     def close(self) -> None:
-        """Stop the worker: an idle one reads the closed pipe and exits; a busy one is terminated, then killed."""
+        """Stop the worker: an idle one reads the closed pipe and exits; a busy one is terminated (it would not read
+        the pipe before its call ends), then killed if it is still there after SHUTDOWN_GRACE_S."""
         for _, connection in self.ranks:
             connection.close()
-        for stop in (None, multiprocessing.Process.terminate, multiprocessing.Process.kill):
+        stops = (multiprocessing.Process.terminate, multiprocessing.Process.kill)
+        for stop in stops if self.busy else (None, *stops):
             deadline = time.monotonic() + SHUTDOWN_GRACE_S
             for process, _ in self.ranks:
                 if stop and process.is_alive():

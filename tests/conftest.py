@@ -82,11 +82,13 @@ class BenchSessionRun(NamedTuple):
 @pytest.fixture(scope="session")
 def real_session(tmp_path_factory, mnist_dir) -> BenchSessionRun:
     """One real `pytest bench` session with the smoke preset, shared by the harness and report tests: two broken
-    implementations and the PyTorch page run as an outside implementation named `mine`."""
+    implementations and the PyTorch page run as an outside implementation named `mine`. It trains as the smoke preset
+    does and evaluates on one batch of test images: enough to check the preset's accuracy target."""
     folder = tmp_path_factory.mktemp("real-session")
     out = folder / "run.json"
     result = run_python(
-        "-m", "pytest", "bench", "--preset", "smoke", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
+        "-m", "pytest", "bench", "--preset", "smoke", "--test-subset", "1000", "--mnist-dir", mnist_dir,
+        "-p", "no:cacheprovider",
         "--frameworks=raising,selfkill,mine", f"--benchmark-json={out}",
         "--benchmark-autosave", f"--benchmark-storage=file://{folder / 'history'}",
         "--framework-module", "raising=faulty_trainers:RaisingTrainer",
