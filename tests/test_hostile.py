@@ -204,23 +204,40 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def start_session(tmp_path, mnist_dir, frameworks: str) -> tuple[subprocess.Popen, Path]:
-    """`pytest bench` in its own process group, as a terminal or a CI runner starts it; HangingTrainer marks its hang."""
-    marker = tmp_path / "hanging"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "bench", *QUICK, f"--frameworks={frameworks}", f"--framework-module={MINE}",
-         f"--framework-module={HANG}", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
-         f"--benchmark-json={tmp_path / 'out.json'}", "--benchmark-autosave",
-         f"--benchmark-storage=file://{tmp_path / 'history'}"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(TESTS), "HANG_MARKER": str(marker)})
-    wait_for(marker.exists, 300, "the hanging trainer to start its epoch")
-    return process, marker
+def default_ctrl_c() -> None:
+    """Ctrl-C's default in the child, whatever this process inherited: a shell starts background jobs ignoring SIGINT,
+    and an ignored SIGINT stays ignored through exec (Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def start_session(tmp_path, mnist_dir):
+    """start_session(frameworks): `pytest bench` in its own process group, as a terminal or a CI runner starts it,
+    returned once HangingTrainer has started to hang. A session a failed test left running is killed with its group."""
+    marker, sessions = tmp_path / "hanging", []
+
+    def start(frameworks: str) -> subprocess.Popen:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "bench", *QUICK, f"--frameworks={frameworks}", f"--framework-module={MINE}",
+             f"--framework-module={HANG}", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
+             f"--benchmark-json={tmp_path / 'out.json'}", "--benchmark-autosave",
+             f"--benchmark-storage=file://{tmp_path / 'history'}"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            preexec_fn=default_ctrl_c, env={**os.environ, "PYTHONPATH": str(TESTS), "HANG_MARKER": str(marker)})
+        sessions.append(process)
+        wait_for(marker.exists, 300, "the hanging trainer to start its epoch")
+        return process
+
+    yield start
+    for process in sessions:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
 
 
 @pytest.mark.parametrize("how", ["SIGTERM to pytest alone", "Ctrl-C to the process group"])
-def test_an_interrupted_session_keeps_what_finished_as_partial_and_leaves_no_worker(how, tmp_path, mnist_dir):
-    process, _ = start_session(tmp_path, mnist_dir, "mine,hang")
+def test_an_interrupted_session_keeps_what_finished_as_partial_and_leaves_no_worker(how, start_session, tmp_path):
+    process = start_session("mine,hang")
     workers = descendants(process.pid)
     assert workers, "no worker process found"
     if how.startswith("SIGTERM"):
@@ -242,8 +259,8 @@ def test_an_interrupted_session_keeps_what_finished_as_partial_and_leaves_no_wor
     assert gate.returncode == 2 and "an interrupted session's partial results" in gate.stderr
 
 
-def test_a_worker_whose_benchmark_process_died_ends_itself(tmp_path, mnist_dir):
-    process, _ = start_session(tmp_path, mnist_dir, "hang")
+def test_a_worker_whose_benchmark_process_died_ends_itself(start_session):
+    process = start_session("hang")
     workers = descendants(process.pid)
     process.kill()  # SIGKILL: no handler runs, nothing is cleaned up by the parent
     process.communicate(timeout=60)
