@@ -140,7 +140,7 @@ class Data(NamedTuple):
     train_images: np.ndarray  # [N, 1, 28, 28] float32, normalized (NCHW; NHWC frameworks transpose once)
     train_labels: np.ndarray  # [N] int32
     test_images: np.ndarray  # [10000, 1, 28, 28] float32 (the first --test-subset only, where given)
-    test_labels: np.ndarray  # [10000] int32
+    test_labels: np.ndarray  # [10000] int32 (as the images)
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
