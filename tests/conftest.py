@@ -27,42 +27,44 @@ def mnist_dir(pytestconfig) -> str:
 
 
 class WorkerPool:
-    """One built worker per (framework, configuration, copy), started on first use; a configuration the framework
-    cannot run (contract.Unsupported) is refused again without a new worker.
+    """One worker per (framework, replicas, copy, processes), started on first use and rebuilt in place for another
+    configuration (the framework is imported once; its replicas are set before that import, so they key the worker). A
+    configuration the framework cannot run (contract.Unsupported) is refused again without a new build.
 
     Tests are grouped by framework (the parametrization is module-scoped): starting a framework's first worker closes
     those of the previous one, so only the PyTorch reference and the framework under test hold memory.
     """
 
     def __init__(self, mnist_dir: str):
-        self.mnist_dir, self.workers, self.unsupported = mnist_dir, {}, {}
+        self.mnist_dir, self.workers, self.unsupported = mnist_dir, {}, {}  # workers: key -> (worker, its config)
 
     def get(self, framework, config: contract.RunConfig, copy: int = 0, processes: int | None = None) -> FrameworkWorker:
         """processes: start the trainer as a job of that many processes (default: the harness's choice for `config`)."""
         processes = processes or framework.worker_ranks(config.replicas)
-        key = (framework.name, config, copy, processes)
-        if key in self.unsupported:
-            raise self.unsupported[key]
-        if key not in self.workers:
+        if (framework.name, config, copy, processes) in self.unsupported:
+            raise self.unsupported[framework.name, config, copy, processes]
+        key = (framework.name, config.replicas, copy, processes)
+        worker, built = self.workers.pop(key, (None, None))
+        if worker is None:
             if framework.name != "pytorch":  # the reference's worker never closes the framework under test
                 self.close(keep={framework.name, "pytorch"})
             worker = FrameworkWorker(framework.name, framework.module, timeout_s=900, environment=framework.environment,
                                      ranks=processes)
+        if built != config:
             try:
                 worker.call("build", config, self.mnist_dir, True)
-            except UnsupportedRun as error:
+            except BaseException as error:
                 worker.close()
-                self.unsupported[key] = error
+                if isinstance(error, UnsupportedRun):
+                    self.unsupported[framework.name, config, copy, processes] = error
                 raise
-            except BaseException:
-                worker.close()
-                raise
-            self.workers[key] = worker
-        return self.workers[key]
+        self.workers[key] = worker, config
+        return worker
 
     def close(self, keep=()) -> None:
         for key in [key for key in self.workers if key[0] not in keep]:
-            self.workers.pop(key).close()
+            worker, _ = self.workers.pop(key)
+            worker.close()
 
 
 @pytest.fixture(scope="session")
