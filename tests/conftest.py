@@ -41,8 +41,9 @@ class WorkerPool:
     def get(self, framework, config: contract.RunConfig, copy: int = 0, processes: int | None = None) -> FrameworkWorker:
         """processes: start the trainer as a job of that many processes (default: the harness's choice for `config`)."""
         processes = processes or framework.worker_ranks(config.replicas)
-        if (framework.name, config, copy, processes) in self.unsupported:
-            raise self.unsupported[framework.name, config, copy, processes]
+        request = (framework.name, config, copy, processes)
+        if request in self.unsupported:
+            raise self.unsupported[request]
         key = (framework.name, config.replicas, copy, processes)
         worker, built = self.workers.pop(key, (None, None))
         if worker is None:
@@ -56,7 +57,7 @@ class WorkerPool:
             except BaseException as error:
                 worker.close()
                 if isinstance(error, UnsupportedRun):
-                    self.unsupported[framework.name, config, copy, processes] = error
+                    self.unsupported[request] = error
                 raise
         self.workers[key] = worker, config
         return worker
