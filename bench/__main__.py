@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench import options
+from bench import cli, options
 from bench.errors import BenchError
 from bench.run import FrameworkRun, accuracy_failure, require_installed, resolve_frameworks
 from bench.summary import summary_table
@@ -138,4 +138,4 @@ def stop_on_sigterm(signum, frame):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

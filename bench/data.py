@@ -24,6 +24,7 @@ import numpy as np
 import platformdirs
 import pooch
 
+from bench import cli
 from bench.errors import BenchError
 
 FILES = {  # name -> SHA-256 of the decompressed file
@@ -213,4 +214,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

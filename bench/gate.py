@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from bench import cli
 from bench.errors import BenchError
 from bench.record import RunFile, RunRecord, load_run_file
 from bench.summary import mebibytes, percent
@@ -196,4 +197,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

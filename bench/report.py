@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from bench import cli
 from bench.errors import BenchError
 from bench.record import RunFile, RunRecord, load_run_file
 from bench.summary import NONE, images_per_second, markdown_table, peak_memory, percent, seconds, summary_table
@@ -276,4 +277,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))
