@@ -57,19 +57,36 @@ def default_cache_dir() -> Path:
 
 
 def mnist_folder(mnist_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
-    """Where MNIST is read from (`mnist_dir`, else $MNIST_DIR, else the user cache), and whether that was given."""
+    """Where MNIST is read from (`mnist_dir`, else $MNIST_DIR, else the user cache), and whether that was given; an
+    MNISTError if a given one is no folder."""
+    source = "--mnist-dir" if mnist_dir is not None else "MNIST_DIR"
     given = mnist_dir if mnist_dir is not None else os.environ.get("MNIST_DIR") or None
-    return (Path(given), True) if given is not None else (default_cache_dir(), False)
+    if given is None:
+        return default_cache_dir(), False
+    folder = Path(given)
+    if not folder.is_dir():
+        what = ("a symbolic link that leads nowhere (dangling, or a loop)" if os.path.lexists(folder) and not
+                os.path.exists(folder) else "a file, not a folder" if folder.exists() else "not there")
+        raise MNISTError(f"{source} {str(folder)!r} is {what}; {POINT_AT_FOLDER}")
+    return folder, True
 
 
 def find(folder: Path, name: str) -> Path | None:
-    # The uncompressed copy first: it loads without decompressing.
-    return next((path for path in (folder / name, folder / f"{name}.gz") if path.is_file()), None)
+    """The copy of file `name` in `folder`, the uncompressed one first (it loads without decompressing)."""
+    for path in (folder / name, folder / f"{name}.gz"):
+        if os.path.lexists(path) and not os.path.exists(path):
+            raise MNISTError(f"{path} is a symbolic link that leads nowhere (dangling, or a loop); {REPLACE}")
+        if path.exists() and not path.is_file():
+            raise MNISTError(f"{path} is not a file (a folder?); {REPLACE}")
+        if path.is_file():
+            return path
+    return None
 
 
-def content(raw: bytes, gzipped: bool, source: str, name: str, verify_digest: bool) -> bytes:
-    """The decompressed bytes of a copy of MNIST file `name`, checked against its digest; `source` names the copy."""
-    if gzipped:
+def content(raw: bytes, source: str, name: str, verify_digest: bool) -> bytes:
+    """The decompressed bytes of a copy of MNIST file `name`, checked against its digest; `source` names the copy.
+    Compressed or not is read from the gzip magic bytes, not the file name: a browser saves `*.gz` decompressed."""
+    if raw[:2] == GZIP_MAGIC:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:
@@ -108,7 +125,7 @@ def read_idx(folder: Path, name: str, verify_digest: bool) -> tuple[np.ndarray, 
         raw = path.read_bytes()
     except OSError as e:
         raise MNISTError(f"cannot read {path} ({e.strerror}); make it a readable file, or {POINT_AT_FOLDER}") from None
-    data = content(raw, path.suffix == ".gz", str(path), name, verify_digest)
+    data = content(raw, str(path), name, verify_digest)
     return parse_idx(data, IMAGES_MAGIC if "-images-" in name else LABELS_MAGIC, str(path)), path
 
 
@@ -146,9 +163,9 @@ def download(name: str, folder: Path, mirrors) -> None:
                 print(f"Downloading {url}", file=sys.stderr)
                 pooch.HTTPDownloader(progressbar=True, chunk_size=1 << 16)(url, temporary, None)
                 raw = Path(temporary).read_bytes()
-                gzipped = raw[:2] == GZIP_MAGIC  # a server may have sent it decompressed (Content-Encoding: gzip)
-                content(raw, gzipped, url, name, verify_digest=True)
-                os.replace(temporary, folder / (f"{name}.gz" if gzipped else name))
+                content(raw, url, name, verify_digest=True)
+                # A server may have sent it decompressed (Content-Encoding: gzip): named after what it holds.
+                os.replace(temporary, folder / (f"{name}.gz" if raw[:2] == GZIP_MAGIC else name))
                 return
             except MNISTError as e:  # its message names the URL
                 failures.append(str(e))

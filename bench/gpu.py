@@ -6,6 +6,7 @@ frameworks' own allocator peaks do not. Without a GPU or the NVML library the pe
 
 from __future__ import annotations
 
+import os
 import threading
 
 SAMPLE_INTERVAL_S = 0.05
@@ -70,3 +71,24 @@ class GpuMemorySampler:
                              "in a container without --pid=host, where NVML reports host PIDs")
             self._nvml.nvmlShutdown()
             self._thread = None
+
+
+def cuda_problem() -> str | None:
+    """What keeps CUDA from running here, as the driver sees it (no driver, no GPU, every GPU hidden); None if a GPU is
+    there. Whether a framework's build has CUDA is the framework's to say, in its worker."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as error:  # NVMLError_LibraryNotFound or _DriverNotLoaded on machines without a driver
+        return f"this machine has no NVIDIA driver (NVML: {error})"
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+    if count == 0:
+        return "the NVIDIA driver sees no GPU"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    return None

@@ -11,8 +11,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from bench.data import load_mnist
 from bench.errors import BenchError
-from bench.gpu import GpuMemorySampler
+from bench.gpu import GpuMemorySampler, cuda_problem
 from bench.record import MatmulRate, RunRecord
 from bench.worker import DEFAULT_CALL_TIMEOUT_S, FrameworkWorker
 from implementations import FRAMEWORKS, Framework, contract, missing_packages
@@ -20,6 +21,10 @@ from implementations import FRAMEWORKS, Framework, contract, missing_packages
 
 def resolve_frameworks(names: list[str], extra_modules: dict[str, str]) -> list[Framework]:
     """Registered frameworks, or ones given as NAME=package.module:Class (implementations outside this repository)."""
+    known = ", ".join([*FRAMEWORKS, *extra_modules])
+    if not names or "" in names:
+        raise BenchError(f"--frameworks {','.join(names)!r} names {'no framework' if not names else 'an empty name'}; "
+                         f"choose from {known} (or leave it out to run every installed one)")
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise BenchError(f"--frameworks names {', '.join(duplicates)} more than once; name each framework once")
@@ -30,7 +35,7 @@ def resolve_frameworks(names: list[str], extra_modules: dict[str, str]) -> list[
         elif name in FRAMEWORKS:
             frameworks.append(FRAMEWORKS[name])
         else:
-            raise BenchError(f"unknown framework {name!r}; choose from {', '.join([*FRAMEWORKS, *extra_modules])}")
+            raise BenchError(f"unknown framework {name!r}; choose from {known}")
     return frameworks
 
 
@@ -38,6 +43,25 @@ def require_installed(framework: Framework) -> None:
     missing = missing_packages(framework)
     if missing:
         raise BenchError(f"{framework.name} is not installed (missing {', '.join(missing)}): {framework.install_hint}")
+
+
+def run_data(config: contract.RunConfig, mnist_dir: str | None, verify_digests: bool) -> contract.Data:
+    """The run's data, prepared once in the benchmark process (numpy only) and handed to every worker: a missing,
+    unwritable or corrupt MNIST, and an option that asks for more images than it has, fail here, once, before any
+    worker starts."""
+    return contract.prepare_data(*load_mnist(mnist_dir, verify_digests=verify_digests), config)
+
+
+def stop_on_sigterm(signum, frame):
+    """SIGTERM (a CI runner's or job scheduler's stop) ends a run as Ctrl-C does: its workers are stopped, and nothing
+    is recorded as complete."""
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def check_device(config: contract.RunConfig) -> None:
+    """--device cuda on a machine without an NVIDIA driver or GPU, refused before any worker: what is missing."""
+    if config.device == "cuda" and (problem := cuda_problem()):
+        raise BenchError(f"--device cuda: {problem}; use --device cpu (or auto)")
 
 
 def worker_processes(framework: Framework, config: contract.RunConfig) -> int:
@@ -53,9 +77,9 @@ class FrameworkRun:
 
     framework: Framework
     config: contract.RunConfig
-    mnist_dir: str | None = None
-    verify_digests: bool = True
+    data: contract.Data  # run_data(): the same arrays for every framework of a session
     timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+    progress_interval_s: float = contract.PROGRESS_INTERVAL_S  # within an epoch (0: no progress)
     matmul: MatmulRate | None = None  # the session's yardstick on this run's device, when measured
     environment: dict = field(default_factory=dict)  # the trainer's framework_version and device
     warmup_s: float | None = None
@@ -63,6 +87,7 @@ class FrameworkRun:
     epoch_seconds: list[float] = field(default_factory=list)  # wall time of each train_epoch call, seen from here
     evaluations: list[contract.Evaluation] = field(default_factory=list)  # after each epoch
     on_epoch: Callable[[FrameworkRun], None] | None = None  # after each epoch's evaluation: progress display
+    on_progress: Callable[[contract.EpochProgress], None] | None = None  # within an epoch, every few seconds
     worker: FrameworkWorker | None = None
     gpu: GpuMemorySampler | None = None
     resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
@@ -73,7 +98,7 @@ class FrameworkRun:
                 self.framework.name, self.framework.module, self.timeout_s, self.framework.environment,
                 worker_processes(self.framework, self.config)))
             self.gpu = resources.enter_context(GpuMemorySampler(self.worker.pids))
-            self.worker.call("build", self.config, self.mnist_dir, self.verify_digests)
+            self.worker.call("build", self.config, self.data, self.progress_interval_s)
             self.environment = self.worker.call("environment")
             self.resources = resources.pop_all()
         return self
@@ -88,7 +113,7 @@ class FrameworkRun:
 
     def train_epoch(self) -> contract.EpochResult:
         start = time.perf_counter()
-        result = self.worker.call("train_epoch", len(self.epoch_results))
+        result = self.worker.call("train_epoch", len(self.epoch_results), on_progress=self.on_progress)
         self.epoch_seconds.append(time.perf_counter() - start)
         self.epoch_results.append(result)
         return result
@@ -144,6 +169,13 @@ class FrameworkRun:
             matmul=self.matmul,
             notes=[self.gpu.note] if self.gpu.note else [],
         )
+
+
+def progress_line(run: FrameworkRun, progress: contract.EpochProgress) -> str:
+    """The epoch in progress in one line."""
+    rate = progress.images_done / progress.seconds if progress.seconds > 0 else 0.0
+    return (f"epoch {len(run.epoch_results) + 1}/{run.config.epochs}: step {progress.steps_done}/{progress.steps}, "
+            f"{progress.seconds:.0f} s, {rate:,.0f} images/s")
 
 
 def accuracy_failure(record: RunRecord) -> str | None:

@@ -6,7 +6,7 @@ asserts the accuracy target, so a fast but wrong implementation fails here.
 
 import pytest
 
-from bench.run import FrameworkRun, accuracy_failure
+from bench.run import FrameworkRun, accuracy_failure, progress_line
 from bench.worker import UnsupportedRun, WorkerError
 
 
@@ -14,8 +14,9 @@ def test_train(benchmark, framework, bench_session):
     config = bench_session.run_config
     benchmark.group = f"mnist-resnet18 epoch time (batch {config.batch_size})"
     show = lambda line: bench_session.show(f"{framework.name}: {line}")  # progress, on the terminal
-    run = FrameworkRun(framework, config, bench_session.mnist_dir, bench_session.verify_digests,
-                       bench_session.worker_timeout_s, on_epoch=lambda run: show(run.last_epoch_line()))
+    run = FrameworkRun(framework, config, bench_session.data, bench_session.worker_timeout_s,
+                       bench_session.progress_interval_s, on_epoch=lambda run: show(run.last_epoch_line()))
+    run.on_progress = lambda progress: show(progress_line(run, progress))
     failure = None
     try:
         with run:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import io
 import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import resource
 import signal
 import socket
@@ -65,6 +67,12 @@ def serve(connection, module: str, environment: tuple[tuple[str, str], ...], par
     exit_with_parent(parent_pid)
     os.environ.update(environment)  # before the framework is imported (KERAS_BACKEND, say)
     trainer = None
+    sending = threading.Lock()  # a framework may report progress from a thread of its own (Keras' callbacks)
+
+    def send(message) -> None:
+        with sending:
+            connection.send(message)
+
     while True:
         try:
             method, args = connection.recv()
@@ -73,6 +81,8 @@ def serve(connection, module: str, environment: tuple[tuple[str, str], ...], par
         try:
             if method == "build":
                 trainer = build_trainer(module, *args)
+                if os.environ.get("RANK", "0") == "0":  # rank 0's epochs are the ones shown
+                    trainer.report_progress = lambda progress: send(("progress", progress))
                 result = None
             elif method == "peak_rss_bytes":
                 result = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -88,7 +98,7 @@ def serve(connection, module: str, environment: tuple[tuple[str, str], ...], par
             kind = "unsupported" if isinstance(error, Unsupported) else "error"
             reply = (kind, f"{type(error).__name__}: {error}", "" if expected else traceback.format_exc())
         try:
-            connection.send(reply)
+            send(reply)
         except OSError:  # the benchmark process stopped listening mid-call (it was interrupted): nothing to say
             exit_now()
 
@@ -101,13 +111,31 @@ def exit_now() -> None:
     os._exit(0)
 
 
-def build_trainer(module: str, config, mnist_dir, verify_digests: bool):
-    from bench.data import load_mnist
+def build_trainer(module: str, config, data, progress_interval_s: float = 0.0):
+    """The trainer of `module` ("package.module:Class") for the run's config and data; it reports an epoch's progress
+    every `progress_interval_s` (0: never)."""
     from implementations import contract, load_trainer_class
 
-    mnist = load_mnist(mnist_dir, verify_digests=verify_digests)
-    data = contract.prepare_data(*mnist, config)
-    return load_trainer_class(module)(config, data, contract.initial_weights(config.seed))
+    trainer = load_trainer_class(module)(config, data, contract.initial_weights(config.seed))
+    trainer.progress_interval_s = progress_interval_s
+    return trainer
+
+
+class NotPlainData(Exception):
+    """A worker's reply holds an object of a class outside plain data (its module and name)."""
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """Reads a worker's reply, refusing every class outside plain data before its module is imported: a framework's
+    object (torch's TorchVersion is a str) would import the framework into the benchmark process, which must never
+    hold one (1.8 s and 500 MiB for torch, and its threads and signal handlers)."""
+
+    PLAIN = ("builtins", "copyreg", "collections", "numpy")  # and the contract's named tuples
+
+    def find_class(self, module: str, name: str):
+        if module.split(".")[0] in self.PLAIN or module == "implementations.contract":
+            return super().find_class(module, name)
+        raise NotPlainData(f"{module}.{name}")
 
 
 class FrameworkWorker:
@@ -144,7 +172,9 @@ class FrameworkWorker:
     def pids(self) -> list[int]:
         return [process.pid for process, _ in self.ranks]
 
-    def call(self, method: str, *args, timeout_s: float | None = None):
+    def call(self, method: str, *args, timeout_s: float | None = None, on_progress=None):
+        """Run `method(*args)` on the trainer of every rank; rank 0's result. `on_progress` receives the
+        contract.EpochProgress that rank 0's trainer reports during the call."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         self.busy = True
@@ -163,9 +193,20 @@ class FrameworkWorker:
                                   "stopped (raise --worker-timeout if the run is just slow)")
             for rank in [rank for rank, connection in pending.items() if connection in ready]:
                 try:
-                    replies[rank] = pending.pop(rank).recv()
+                    reply = PlainUnpickler(io.BytesIO(pending[rank].recv_bytes())).load()
                 except (EOFError, OSError):
                     raise self.died(rank, method) from None
+                except NotPlainData as error:
+                    self.close()
+                    raise WorkerError(f"{self.framework}: '{method}' returned a {error} object, which the benchmark "
+                                      f"process cannot read without importing {str(error).split('.')[0]}; a trainer "
+                                      "returns plain data (str, int, float, lists, dicts, numpy arrays)") from None
+                if reply[0] == "progress":
+                    if rank == 0 and on_progress is not None:
+                        on_progress(reply[1])
+                    continue
+                replies[rank] = reply
+                del pending[rank]
         if pending:  # a rank failed: the others may be waiting for it in a collective
             self.close()
         self.busy = False

@@ -24,10 +24,22 @@ class Framework(NamedTuple):
     programs: tuple[str, ...] = ()  # built files, from the repository root, that must exist: a compiled row's program
     # Its data-parallel engine runs one process per replica (torch.distributed): the harness starts them, as torchrun.
     process_per_replica: bool = False
+    # What the row can run, known without importing it: a run that asks for more is skipped, saying why, before any
+    # worker starts (as --replicas on a row without a data-parallel engine is, from its worker).
+    precisions: tuple[str, ...] = ("fp32", "bf16")
+    devices: tuple[str, ...] = ("cpu", "cuda")
 
     def worker_ranks(self, replicas: int) -> int:
         """How many worker processes a run on `replicas` replicas takes."""
         return replicas if self.process_per_replica else 1
+
+    def cannot_run(self, config) -> str | None:
+        """Why this row cannot run `config` (a contract.RunConfig), or None."""
+        if config.precision not in self.precisions:
+            return f"{self.name} trains in {' and '.join(self.precisions)} only, not --precision {config.precision}"
+        if config.device != "auto" and config.device not in self.devices:
+            return f"{self.name} runs on {' and '.join(self.devices)} only, not --device {config.device}"
+        return None
 
 
 FRAMEWORKS = {
@@ -48,10 +60,12 @@ FRAMEWORKS = {
                   "pip install '.[lightning]'", process_per_replica=True),
         Framework("haskell", "implementations.haskell.trainer:HaskellTrainer", (),
                   "apt-get install -y ghc libghc-hmatrix-dev libghc-vector-dev libopenblas-dev cabal-install && "
-                  "implementations/haskell/build.sh", programs=("implementations/haskell/bin/mnist-resnet",)),
+                  "implementations/haskell/build.sh", programs=("implementations/haskell/bin/mnist-resnet",),
+                  precisions=("fp32",), devices=("cpu",)),  # float32 sgemm on the CPU's OpenBLAS
         # Rust: a PyO3 extension that `make setup` builds where cargo is present.
         Framework("burn", "implementations.rust_burn.trainer:BurnTrainer", ("mnist_burn",),
-                  "install Rust (curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh), then make setup"),
+                  "install Rust (curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh), then make setup",
+                  precisions=("fp32",)),
     )
 }
 

@@ -19,6 +19,8 @@ import abc
 import hashlib
 import math
 import os
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import ClassVar, NamedTuple
 
@@ -59,6 +61,12 @@ TRAINABLE_PARAMETERS = 11_175_370
 # --- Run configuration -----------------------------------------------------------------------------------------------
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")  # bf16: mixed precision, bf16 compute with fp32 weights, like torch.autocast
+# The ranges of the numeric options (README, "Options"). The schedule is a table of every step, made before training:
+# at most MAX_EPOCHS x 30,000 steps (batch 2), 120 MB. A replica is a process or a device: MAX_REPLICAS bounds what one
+# run starts. Seeds are 32-bit, as numpy's and every framework's own.
+MAX_EPOCHS = 1000
+MAX_REPLICAS = 64
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -78,22 +86,16 @@ class RunConfig:
     min_accuracy: float = 0.993  # test accuracy the run must reach (fraction)
 
     def __post_init__(self):
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "replicas": self.replicas}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{option(name)} must be a positive integer, got {value!r}")
-        if self.batch_size == 1:
-            raise ConfigError("--batch-size must be at least 2: BatchNorm trains on batch statistics, and layer4's 1x1 "
-                              "maps hold one value per channel for a batch of one image")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"--seed must be a non-negative integer (numpy seeds), got {self.seed!r}")
-        if self.train_subset is not None and (not isinstance(self.train_subset, int) or self.train_subset < 1):
-            raise ConfigError(f"--train-subset must be a positive integer (or omitted for all images), got {self.train_subset!r}")
-        if self.train_subset is not None and self.train_subset < self.batch_size:
-            raise ConfigError(f"--train-subset {self.train_subset} is smaller than --batch-size {self.batch_size}: "
-                              "an epoch would have no full batch; raise the subset or lower the batch size")
-        if self.test_subset is not None and (not isinstance(self.test_subset, int) or self.test_subset < 1
-                                             or self.test_subset % EVAL_BATCH_SIZE):
+        check_integer("epochs", self.epochs, 1, MAX_EPOCHS)
+        check_integer("batch_size", self.batch_size, 2, None, "BatchNorm trains on batch statistics, and layer4's 1x1 "
+                                                           "maps hold one value per channel for a batch of one image")
+        check_integer("seed", self.seed, 0, MAX_SEED)
+        check_integer("replicas", self.replicas, 1, MAX_REPLICAS)
+        if self.train_subset is not None:
+            check_integer("train_subset", self.train_subset, self.batch_size, None,
+                          f"an epoch trains on whole batches of --batch-size {self.batch_size}")
+        if self.test_subset is not None and not (isinstance(self.test_subset, int) and self.test_subset > 0
+                                                 and self.test_subset % EVAL_BATCH_SIZE == 0):
             raise ConfigError(f"--test-subset must be a positive multiple of {EVAL_BATCH_SIZE} (whole evaluation "
                               f"batches, so that every one has the same static shape), got {self.test_subset!r}")
         if self.batch_size % self.replicas:
@@ -103,8 +105,21 @@ class RunConfig:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if not 0.0 <= self.min_accuracy <= 1.0:
-            raise ConfigError(f"--min-accuracy is a fraction in [0, 1] (0.993 for 99.3%), got {self.min_accuracy!r}")
+        if not (isinstance(self.min_accuracy, (int, float)) and 0.0 <= self.min_accuracy <= 1.0):
+            raise ConfigError(f"--min-accuracy is a fraction from 0 to 1 (0.993 for 99.3%), got {self.min_accuracy!r}")
+
+    def check_sizes(self, train_images: int, test_images: int) -> None:
+        """A ConfigError naming the option that asks for more images than the data has (MNIST: 60,000 and 10,000)."""
+        if self.train_subset is not None and self.train_subset > train_images:
+            raise ConfigError(f"--train-subset {self.train_subset} is larger than the {train_images} training images")
+        if self.batch_size > (self.train_subset or train_images):
+            raise ConfigError(f"--batch-size {self.batch_size} is larger than the {self.train_subset or train_images} "
+                              "training images: an epoch would have no full batch")
+        if self.test_subset is not None and self.test_subset > test_images:
+            raise ConfigError(f"--test-subset {self.test_subset} is larger than the {test_images} test images")
+        if self.test_subset is None and (test_images < EVAL_BATCH_SIZE or test_images % EVAL_BATCH_SIZE):
+            raise ConfigError(f"the test data holds {test_images} images, not a multiple of {EVAL_BATCH_SIZE} (whole "
+                              "evaluation batches): pass --test-subset")
 
     def with_options(self, **overrides) -> RunConfig:
         """This configuration with the given options replaced; None means 'keep', unknown names fail loudly."""
@@ -120,6 +135,14 @@ class RunConfig:
 
 def option(name: str) -> str:
     return name.replace("_", "-")
+
+
+def check_integer(name: str, value, low: int, high: int | None, why: str = "") -> None:
+    """A ConfigError unless `value` is an integer from `low` to `high` (None: no upper bound); `why` explains `low`."""
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value and (high is None or value <= high):
+        return
+    allowed = f"from {low:,} to {high:,}" if high is not None else f"of at least {low:,}"
+    raise ConfigError(f"--{option(name)} must be an integer {allowed}{f' ({why})' if why else ''}, got {value!r}")
 
 
 PRESETS = {
@@ -150,12 +173,9 @@ def normalize(images: np.ndarray) -> np.ndarray:
 
 
 def prepare_data(train_images, train_labels, test_images, test_labels, config: RunConfig) -> Data:
+    config.check_sizes(len(train_images), len(test_images))
     n = len(train_images) if config.train_subset is None else config.train_subset
-    if n > len(train_images):
-        raise ConfigError(f"--train-subset {n} is larger than the {len(train_images)} training images")
     tests = len(test_images) if config.test_subset is None else config.test_subset
-    if tests > len(test_images):
-        raise ConfigError(f"--test-subset {tests} is larger than the {len(test_images)} test images")
     return Data(normalize(train_images[:n]), train_labels[:n].astype(np.int32),
                 normalize(test_images[:tests]), test_labels[:tests].astype(np.int32))
 
@@ -224,23 +244,22 @@ def peak_learning_rate(batch_size: int) -> float:
     return PEAK_LEARNING_RATE_PER_256_IMAGES * batch_size / 256
 
 
-def learning_rate(step: int, total_steps: int, peak: float) -> float:
+def learning_rate(steps: np.ndarray, total_steps: int, peak: float) -> np.ndarray:
     """Linear warm-up to the peak over the first 10% of steps, then linear decay towards zero (airbench's triangle).
 
     Piecewise linear, so that every framework can evaluate it exactly; step 0 already trains (peak / warmup_steps), the
-    peak is reached at the last warm-up step and the last step still trains (peak / (decay steps + 1)).
+    peak is reached at the last warm-up step and the last step still trains (peak / (decay steps + 1)). float64.
     """
     warmup_steps = max(1, math.ceil(WARMUP_FRACTION * total_steps))
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    return peak * (total_steps - step) / (total_steps - warmup_steps + 1)
+    steps = np.asarray(steps, dtype=np.float64)
+    return np.where(steps < warmup_steps, peak * (steps + 1) / warmup_steps,
+                    peak * (total_steps - steps) / (total_steps - warmup_steps + 1))
 
 
 def learning_rate_table(config: RunConfig, num_train: int) -> np.ndarray:
     """float32 learning rate of every step of the run: what each framework's schedule looks up by step."""
     total = config.epochs * steps_per_epoch(num_train, config.batch_size)
-    peak = peak_learning_rate(config.batch_size)
-    return np.array([learning_rate(step, total, peak) for step in range(total)], dtype=np.float32)
+    return learning_rate(np.arange(total), total, peak_learning_rate(config.batch_size)).astype(np.float32)
 
 
 # --- Canonical weights: PyTorch's names and layouts -----------------------------------------------------------------
@@ -358,6 +377,41 @@ class Evaluation(NamedTuple):
     accuracy: float  # fraction of the test images (all 10,000, or --test-subset's)
 
 
+class EpochProgress(NamedTuple):
+    """How far the epoch in progress has come: what a trainer reports from inside its loop."""
+
+    steps_done: int
+    steps: int
+    images_done: int
+    seconds: float  # since the epoch started
+
+
+PROGRESS_INTERVAL_S = 5.0  # by default, at most one report, and one device synchronization for it, this often
+
+
+class ProgressMeter:
+    """An epoch's progress, reported at most every `interval_s`: a page calls step() after each step it runs.
+
+    Between reports a call costs one clock read. A report first waits, through `wait`, for the device to finish the
+    steps it counts (JAX and CUDA run ahead of Python): one synchronization every few seconds, not one per step.
+    """
+
+    def __init__(self, report: Callable[[EpochProgress], None] | None, steps: int, batch_size: int,
+                 interval_s: float = PROGRESS_INTERVAL_S):
+        self.report, self.steps, self.batch_size, self.interval_s = report, steps, batch_size, interval_s
+        self.start = time.perf_counter()
+        self.next_report = self.start + interval_s if report and interval_s > 0 else math.inf
+
+    def step(self, steps_done: int, wait: Callable[[], object] | None = None) -> None:
+        if time.perf_counter() < self.next_report:
+            return
+        if wait is not None:
+            wait()
+        now = time.perf_counter()
+        self.report(EpochProgress(steps_done, self.steps, steps_done * self.batch_size, now - self.start))
+        self.next_report = now + self.interval_s
+
+
 @dataclass
 class Trainer(abc.ABC):
     """One framework's training of the shared recipe; the benchmark worker drives it through these methods only.
@@ -371,6 +425,8 @@ class Trainer(abc.ABC):
     data: Data
     weights: Weights
     schedule: np.ndarray = field(init=False)
+    report_progress: Callable[[EpochProgress], None] | None = field(default=None, init=False)  # set by the harness
+    progress_interval_s: float = field(default=PROGRESS_INTERVAL_S, init=False)  # and how often it listens
     # The framework's data-parallel engine, in a few words (e.g. "jax.sharding: jit over a device mesh"); None: the
     # trainer runs on one device only and refuses --replicas above 1.
     data_parallel: ClassVar[str | None] = None
@@ -407,6 +463,10 @@ class Trainer(abc.ABC):
     def epoch_batches(self, epoch: int) -> np.ndarray:
         """[steps, batch_size] indices into the training data, in the order every framework trains on them."""
         return epoch_batches(self.config.seed, epoch, len(self.data.train_labels), self.config.batch_size)
+
+    def progress_meter(self, batches: np.ndarray) -> ProgressMeter:
+        """The meter of an epoch over `batches`: its step() reports to the harness, when one listens."""
+        return ProgressMeter(self.report_progress, len(batches), batches.shape[1], self.progress_interval_s)
 
     @abc.abstractmethod
     def train_epoch(self, epoch: int) -> EpochResult:

@@ -38,5 +38,12 @@ class HangingTrainer(TorchTrainer):
         time.sleep(3600)
 
 
+class TorchVersionTrainer(TorchTrainer):
+    """Returns torch's own version object, a str subclass that only torch can unpickle."""
+
+    def environment(self):
+        return {**super().environment(), "framework_version": torch.__version__}
+
+
 class NotATrainer:
     """What a typo in --framework-module can name: a class, but no contract.Trainer."""

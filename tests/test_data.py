@@ -222,7 +222,6 @@ BAD_INPUTS = {  # case -> (file it writes, its content, what the message must sa
                        "truncated or corrupt gzip"),
     "corrupt gzip": (TRAIN_LABELS, lambda: gzip.compress(idx(2049, [3], bytes([1, 2, 3])))[:-8] + b"\0" * 8,
                      "truncated or corrupt gzip"),
-    "not gzip at all": (TRAIN_LABELS, lambda: idx(2049, [3], bytes([1, 2, 3])), "truncated or corrupt gzip"),
     "wrong magic": (TRAIN_LABELS, lambda: gzip.compress(idx(2051, [3], bytes([1, 2, 3]))), "magic number 2051"),
     "header too short": (TRAIN_LABELS, lambda: gzip.compress(b"\0\0\x08"), "too few for the 8-byte header"),
     "more declared than present": (TRAIN_LABELS, lambda: gzip.compress(idx(2049, [5], bytes([1, 2, 3]))),
@@ -244,6 +243,17 @@ def test_bad_input_gives_a_clear_error(case, tmp_path):
     with pytest.raises(MNISTError, match=message) as error:
         load_mnist(tmp_path, verify_digests=False)
     assert file_name in str(error.value) and "\n" not in str(error.value)
+
+
+def test_compression_is_read_from_the_content_not_the_name(mnist, shared_mnist, tmp_path):
+    """A browser saves `*.gz` decompressed; a gzip file may lose its suffix: each loads as what it holds."""
+    for name in FILES:
+        gzipped = (shared_mnist / f"{name}.gz").read_bytes()
+        if "images" in name:  # uncompressed bytes under the .gz name
+            (tmp_path / f"{name}.gz").write_bytes(gzip.decompress(gzipped))
+        else:  # gzip bytes under the plain name
+            (tmp_path / name).write_bytes(gzipped)
+    assert all(np.array_equal(a, b) for a, b in zip(load_mnist(tmp_path), mnist))
 
 
 def test_missing_file_names_the_file_and_the_folder(tmp_path):
@@ -292,7 +302,16 @@ def remove_a_file(folder):
     return "train-images-idx3-ubyte"
 
 
-@pytest.mark.parametrize("corrupt", [corrupt_truncated_gzip, corrupt_one_label, corrupt_magic, remove_a_file])
+def loop_a_file(folder):
+    """A symbolic link to itself where a file should be: not "missing", but a link that leads nowhere."""
+    path = folder / "t10k-images-idx3-ubyte.gz"
+    path.unlink()
+    path.symlink_to(path)
+    return "t10k-images-idx3-ubyte.gz is a symbolic link that leads nowhere (dangling, or a loop)"
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_truncated_gzip, corrupt_one_label, corrupt_magic, remove_a_file,
+                                     loop_a_file])
 def test_cli_verify_fails_with_one_line_naming_the_file(corrupt, shared_mnist, tmp_path):
     folder = copy_of(shared_mnist, tmp_path / "mnist")
     file_name = corrupt(folder)
@@ -300,3 +319,18 @@ def test_cli_verify_fails_with_one_line_naming_the_file(corrupt, shared_mnist, t
     assert result.returncode == 2
     assert result.stdout == "" and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and file_name in result.stderr
+
+
+@pytest.mark.parametrize("what", ["a file", "a symlink loop"])
+def test_cli_verify_says_what_mnist_dir_points_at_when_it_is_no_folder(what, shared_mnist, tmp_path):
+    target = tmp_path / "mnist"
+    if what == "a file":
+        target.write_text("")
+        message = f"MNIST_DIR '{target}' is a file, not a folder; point --mnist-dir or MNIST_DIR at a folder"
+    else:
+        target.symlink_to(target)
+        message = f"MNIST_DIR '{target}' is a symbolic link that leads nowhere (dangling, or a loop)"
+    result = subprocess.run([sys.executable, "-m", "bench.data", "verify"], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "MNIST_DIR": str(target)}, timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

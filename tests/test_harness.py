@@ -5,7 +5,9 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.__main__ import write_json_atomically
 from bench.data import load_mnist
-from bench.errors import BenchError
+from bench.output import keep_elsewhere, write_new_file
 from bench.record import RunRecord
 from bench.run import FrameworkRun
 from bench.worker import FrameworkWorker, WorkerError
@@ -42,6 +43,8 @@ def test_failing_frameworks_fail_alone_with_clear_messages(real_session):
     assert "raising: 'train_epoch' failed in the worker: RuntimeError" in output, output
     assert "selfkill: the worker process" in output and "was killed by SIGKILL" in output, output
     assert "mine: warm-up " in output and "mine: epoch 2/2: " in output, "no progress lines: " + output
+    assert re.search(r"mine: epoch 1/2: step \d+/32, \d+ s, [\d,]+ images/s", output), "no progress within an epoch"
+    assert "test_train[hang]" not in output, "a deselected framework ran"
     assert [p.name for p in real_session.json_path.parent.iterdir() if p.is_file()] == ["run.json"], \
         "the temporary JSON was left behind"
 
@@ -135,61 +138,76 @@ def test_bare_pytest_collects_the_harness_tests_only():
 
 
 # --- The worker in isolation ----------------------------------------------------------------------------------------
-def test_worker_killed_mid_epoch_reports_the_signal(mnist_dir):
+@pytest.fixture(scope="module")
+def smoke_data(mnist) -> contract.Data:
+    return contract.prepare_data(*mnist, SMOKE)
+
+
+def test_worker_killed_mid_epoch_reports_the_signal(smoke_data):
     framework = FRAMEWORKS["pytorch"]
     with FrameworkWorker("pytorch", framework.module, timeout_s=300) as worker:
-        worker.call("build", SMOKE, mnist_dir, True)
+        worker.call("build", SMOKE, smoke_data)
         threading.Timer(1.0, os.kill, (worker.pid, signal.SIGKILL)).start()  # the epoch takes ~3 s
         with pytest.raises(WorkerError, match=r"pytorch: the worker process \(pid \d+\) was killed by SIGKILL .* during 'train_epoch'"):
             worker.call("train_epoch", 0)
 
 
-def test_worker_past_its_time_limit_is_stopped(mnist_dir):
+def test_worker_past_its_time_limit_is_stopped(smoke_data):
     with FrameworkWorker("hanging", "faulty_trainers:HangingTrainer", timeout_s=300) as worker:
-        worker.call("build", SMOKE, mnist_dir, True)
+        worker.call("build", SMOKE, smoke_data)
         start = time.monotonic()
         with pytest.raises(WorkerError, match=r"hanging: 'train_epoch' ran past its 3 s limit; the worker was stopped"):
             worker.call("train_epoch", 0, timeout_s=3)
         assert time.monotonic() - start < 20 and not worker.process.is_alive()
 
 
-def test_user_errors_in_the_worker_come_back_without_a_traceback(mnist_dir):
-    with pytest.raises(WorkerError) as caught, FrameworkRun(FRAMEWORKS["pytorch"],
-                                                            SMOKE.with_options(train_subset=70_000), mnist_dir):
+def test_user_errors_in_the_worker_come_back_without_a_traceback(smoke_data):
+    """A configuration the harness lets through but the framework refuses (a GPU that torch cannot use): the page's
+    own message, naming what is missing, in one line."""
+    if os.path.exists("/dev/nvidiactl"):
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(WorkerError) as caught, FrameworkRun(FRAMEWORKS["pytorch"], SMOKE.with_options(device="cuda"),
+                                                            smoke_data):
         pass
-    assert "--train-subset 70000 is larger than the 60000 training images" in str(caught.value)
+    assert "--device cuda: PyTorch sees no CUDA GPU" in str(caught.value) and "no NVIDIA driver" in str(caught.value)
     assert "Traceback" not in str(caught.value)
 
 
-# --- The CLI ----------------------------------------------------------------------------------------------------------
+def test_a_trainer_that_returns_a_framework_object_fails_without_bringing_the_framework_in(smoke_data):
+    """torch.__version__ is a TorchVersion: unpickling it would import torch into this process. The reply is refused
+    before that, naming the class, and this process still holds no framework."""
+    with FrameworkWorker("versioned", "faulty_trainers:TorchVersionTrainer", timeout_s=300) as worker:
+        worker.call("build", SMOKE, smoke_data)
+        with pytest.raises(WorkerError, match=r"versioned: 'environment' returned a torch\.torch_version\.TorchVersion "
+                                              r"object, which the benchmark process cannot read without importing "
+                                              "torch; a trainer returns plain data"):
+            worker.call("environment")
+    assert "torch" not in sys.modules
+
+
 def test_cli_run_prints_a_summary_and_keeps_the_record(tmp_path, mnist_dir):
     out = tmp_path / "run.json"
     args = ["-m", "bench", "run", "pytorch", *QUICK, "--mnist-dir", mnist_dir, "--output", str(out)]
-    result = run_python(*args)
+    result = run_python(*args, env={"COLUMNS": "80"})  # a narrow terminal: the table's lines scroll, never wrap
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "epoch 1/1:" in result.stdout and "images/s" in result.stdout and "| pytorch |" in result.stdout
+    assert "epoch 1/1:" in result.stdout and "images/s" in result.stdout
+    header, _, row = [line for line in result.stdout.splitlines() if line.startswith("|")][:3]
+    assert header.startswith("| framework |") and row.startswith("| pytorch |") and row.count("|") == 15, row
     record = json.loads(out.read_text())
     assert record["epochs"] == 1 and RECORD_FIELDS <= set(record)
     again = run_python(*args)  # the record is never overwritten
     assert again.returncode == 2 and f"--output {out} exists" in again.stderr and "Traceback" not in again.stderr
 
 
-def test_a_record_whose_output_file_appeared_during_the_run_is_kept_beside_it(tmp_path):
+def test_an_output_file_that_appeared_during_the_run_is_left_as_it_was_and_the_record_kept_elsewhere(tmp_path):
     out = tmp_path / "run.json"
     out.write_text("someone else's")
-    with pytest.raises(BenchError, match="appeared during the run") as caught:
-        write_json_atomically(out, {"framework": "pytorch"})
-    assert out.read_text() == "someone else's"
-    kept = Path(str(caught.value).rsplit(" ", 1)[-1])
-    assert kept.parent == tmp_path and json.loads(kept.read_text()) == {"framework": "pytorch"}
-
-
-def test_a_device_the_framework_cannot_see_is_one_line_from_the_worker(mnist_dir):
-    if os.path.exists("/dev/nvidiactl"):
-        pytest.skip("this machine has a GPU")
-    result = run_python("-m", "bench", "run", "pytorch", "--preset", "smoke", "--device", "cuda", "--mnist-dir", mnist_dir)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "--device cuda: PyTorch sees no CUDA GPU" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    with pytest.raises(FileExistsError):
+        write_new_file(out, '{"framework": "pytorch"}')
+    assert out.read_text() == "someone else's" and [path.name for path in tmp_path.iterdir()] == ["run.json"]
+    kept = Path(keep_elsewhere('{"framework": "pytorch"}', "record is").split("the record is kept in ")[1])
+    assert json.loads(kept.read_text()) == {"framework": "pytorch"}
+    kept.unlink()
 
 
 # --- The shared contract ----------------------------------------------------------------------------------------------
@@ -227,7 +245,7 @@ def test_check_weights_names_the_problem():
 
 def test_schedule_warms_up_then_decays():
     total = 2340
-    rates = [contract.learning_rate(step, total, 0.05) for step in range(total)]
+    rates = contract.learning_rate(np.arange(total), total, 0.05)
     peak = int(np.argmax(rates))
     assert peak == 233 and rates[peak] == 0.05  # 10% warm-up: 234 steps
     assert rates[0] == pytest.approx(0.05 / 234) and rates[-1] > 0

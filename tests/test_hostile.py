@@ -7,8 +7,10 @@ one), the real PyTorch page and a trainer that hangs (tests/faulty_trainers.py).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,37 +19,91 @@ from pathlib import Path
 
 import pytest
 
+from bench import options
+from bench.record import load_run_file
 from bench.worker import SHUTDOWN_GRACE_S
 from commands import QUICK, REPO, TESTS, run_python
+from implementations import contract
 
 MINE = "mine=implementations.pytorch.trainer:TorchTrainer"
 HANG = "hang=faulty_trainers:HangingTrainer"
 
 
 # --- Options: refused in one line naming the option, before any worker starts, no folder created --------------------
-BAD_OPTIONS = {  # options -> what the one line says
-    ("--seed", "-1"): "--seed must be a non-negative integer",
-    ("--batch-size", "1"): "--batch-size must be at least 2",
+BAD_OPTIONS = {  # options -> what the one line says, from `bench run` and from `pytest bench` alike
+    ("--seed", "-1"): "--seed must be an integer from 0 to 4,294,967,295, got -1",
+    ("--batch-size", "1"): "--batch-size must be an integer of at least 2 (BatchNorm trains on batch statistics",
     ("--test-subset", "1500"): "--test-subset must be a positive multiple of 1000",
-    ("--replicas", "0"): "--replicas must be a positive integer",
+    ("--replicas", "0"): "--replicas must be an integer from 1 to 64, got 0",
     ("--replicas", "3"): "--batch-size 128 does not split into --replicas 3 equal shards",
-    ("--worker-timeout", "nan"): "argument --worker-timeout: positive, finite seconds, got 'nan'",
-    ("--worker-timeout", "inf"): "argument --worker-timeout: positive, finite seconds, got 'inf'",
-    ("--worker-timeout", "0"): "argument --worker-timeout: positive, finite seconds, got '0'",
+    ("--epochs", "1000000000"): "--epochs must be an integer from 1 to 1,000, got 1000000000",
+    ("--worker-timeout", "nan"): "argument --worker-timeout: seconds from 1 to 604800 (a week), got 'nan'",
+    ("--worker-timeout", "1e-9"): "argument --worker-timeout: seconds from 1 to 604800 (a week), got '1e-9'",
+    # Checked against the data's size, still before any worker: MNIST is read once, in the benchmark process.
+    ("--train-subset", "70000"): "--train-subset 70000 is larger than the 60000 training images",
+    ("--test-subset", "20000"): "--test-subset 20000 is larger than the 10000 test images",
+    ("--batch-size", "100000"): "--batch-size 100000 is larger than the 60000 training images",
+    ("--epochs", "2", "--epochs", "3"): "--epochs is given 2 times (--epochs, --epochs); give it once",
+    ("--framework-module", "pytorch=faulty_trainers:RaisingTrainer"):
+        "pytorch is a registered framework; give your implementation a name of its own",
+    # No NVIDIA driver here: what is missing is said up front, for every framework alike.
+    ("--device", "cuda"): "--device cuda: this machine has no NVIDIA driver",
 }
 
 
 @pytest.mark.parametrize("option", BAD_OPTIONS, ids=" ".join)
 def test_bad_run_options_are_refused_before_anything_runs(option, mnist_dir, tmp_path):
+    if option[:2] == ("--device", "cuda") and os.path.exists("/dev/nvidiactl"):
+        pytest.skip("this machine has an NVIDIA driver")
     output = tmp_path / "new" / "out.json"
     ran = run_python("-m", "bench", "run", "pytorch", *option, "--mnist-dir", mnist_dir, "--output", str(output),
                      timeout=120)
-    session = run_python("-m", "pytest", "bench", *option, "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
-                         f"--benchmark-json={output}", timeout=120)
+    session = run_python("-m", "pytest", "bench", "--frameworks=pytorch", *option, "--mnist-dir", mnist_dir,
+                         "-p", "no:cacheprovider", f"--benchmark-json={output}", timeout=120)
     for result, code in ((ran, 2), (session, 4)):
         assert result.returncode == code, result.stdout + result.stderr
         assert BAD_OPTIONS[option] in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert "warming up" not in result.stdout + result.stderr, "a worker started"
     assert not (tmp_path / "new").exists(), "a refused run created its output folder"
+
+
+NUMERIC_OPTIONS = {  # option -> its documented range (README, "Options"), integers only, whether 0 switches it off
+    "--epochs": (1, contract.MAX_EPOCHS, True, False),
+    "--batch-size": (2, 60_000, True, False),
+    "--train-subset": (128, 60_000, True, False),
+    "--test-subset": (1000, 10_000, True, False),
+    "--replicas": (1, 64, True, False),
+    "--seed": (0, contract.MAX_SEED, True, False),
+    "--min-accuracy": (0, 1, False, False),
+    "--worker-timeout": (1, 604_800, False, False),
+    "--progress-interval": (0.1, 3600, False, True),
+}
+
+
+@pytest.mark.parametrize("option", NUMERIC_OPTIONS)
+def test_every_numeric_option_is_checked_at_its_edges(option):
+    """What `bench run` and `pytest bench` parse (the same RUN_OPTIONS), in this process: each edge value (0, negative,
+    tiny, huge, NaN, inf, non-numeric, and the range's own ends) is accepted, or refused in a message that names the
+    option and its valid values."""
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    for flag, kwargs in options.RUN_OPTIONS:
+        parser.add_argument(flag, **kwargs)
+    low, high, integer, zero_is_off = NUMERIC_OPTIONS[option]
+    edges = {"0": low <= 0 or zero_is_off, "-1": False, "1e-9": not integer and low <= 1e-9, "1e30": False,
+             "99999999999999999999": False, "nan": False, "inf": False, "-inf": False, "many": False, "": False,
+             str(low): True, str(high): True}
+    for value, accepted in edges.items():
+        try:
+            config = options.run_config(vars(parser.parse_args([f"{option}={value}"])))
+            config.check_sizes(60_000, 10_000)  # the bounds that MNIST's size sets
+            refused = None
+        except (argparse.ArgumentError, contract.ConfigError) as error:
+            refused = str(error)
+        if accepted:
+            assert refused is None, f"{option}={value} is in the documented range, but: {refused}"
+        else:
+            assert refused is not None, f"{option}={value!r} was accepted"
+            assert option in refused and re.search(r"\d", refused), f"{option}={value!r}: {refused}"
 
 
 JOB = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
@@ -73,16 +129,51 @@ def test_a_launched_job_that_does_not_add_up_is_refused_before_anything_runs(job
     assert not (tmp_path / "new").exists(), "a refused run created its output folder"
 
 
-def test_a_framework_named_twice_is_refused(mnist_dir):
-    result = run_python("-m", "pytest", "bench", "--frameworks=pytorch,jax,pytorch", "--mnist-dir", mnist_dir,
+@pytest.mark.parametrize("frameworks, message", [
+    ("", "--frameworks '' names no framework; choose from pytorch"),
+    (",", "--frameworks ',' names an empty name; choose from pytorch"),
+    ("pytorch,jax,pytorch", "--frameworks names pytorch more than once"),
+    ("pytorch,cobol", "unknown framework 'cobol'; choose from pytorch"),
+])
+def test_a_framework_list_that_names_no_framework_once_is_refused(frameworks, message, mnist_dir):
+    result = run_python("-m", "pytest", "bench", f"--frameworks={frameworks}", "--mnist-dir", mnist_dir,
                         "-p", "no:cacheprovider", timeout=120)
-    assert result.returncode == 4 and "--frameworks names pytorch more than once" in result.stderr, result.stderr
+    assert result.returncode == 4 and message in result.stderr, result.stderr
 
 
-def test_an_unknown_framework_is_refused(mnist_dir):
-    result = run_python("-m", "pytest", "bench", "--frameworks=pytorch,cobol", "--mnist-dir", mnist_dir,
-                        "-p", "no:cacheprovider", timeout=120)
-    assert result.returncode == 4 and "unknown framework 'cobol'" in result.stderr, result.stderr
+@pytest.mark.parametrize("flag", ["--benchmark-disable", "--benchmark-skip"])
+def test_a_benchmark_that_times_nothing_cannot_promise_a_json(flag, mnist_dir, tmp_path):
+    result = run_python("-m", "pytest", "bench", flag, f"--benchmark-json={tmp_path / 'out.json'}",
+                        "--mnist-dir", mnist_dir, "-p", "no:cacheprovider", timeout=120)
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert f"{flag} times nothing, so --benchmark-json would never be written; drop one of them" in result.stderr
+
+
+def test_a_configuration_a_row_cannot_run_skips_it_before_its_worker_and_says_what_was_not_written(mnist_dir, tmp_path):
+    """bf16 on the rows that train in fp32 only, as --replicas on a row without an engine: skipped, saying why; every
+    row skipped, the JSON that was asked for is not written, and the session says so."""
+    out = tmp_path / "out.json"
+    result = run_python("-m", "pytest", "bench", "--frameworks=haskell,burn", "--precision", "bf16", "-rs",
+                        "--mnist-dir", mnist_dir, "-p", "no:cacheprovider", f"--benchmark-json={out}", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for row in ("haskell", "burn"):
+        assert f"cannot run this configuration: {row} trains in fp32 only, not --precision bf16" in result.stdout
+    assert "warming up" not in result.stdout
+    assert f"no framework finished its timed epochs: {out} not written" in result.stdout and not out.exists()
+
+
+@pytest.mark.parametrize("how", ["autoload off", "plugin off"])
+def test_pytest_benchmark_is_there_without_autoloading_or_refused_in_one_line(how, mnist_dir):
+    if how == "autoload off":  # as CI systems set it: the root conftest registers the plugin itself
+        result = run_python("-m", "pytest", "bench", "--collect-only", "-q", "--mnist-dir", mnist_dir,
+                            "-p", "no:cacheprovider", env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}, timeout=120)
+        assert result.returncode == 0 and "test_train[pytorch]" in result.stdout, result.stdout + result.stderr
+    else:
+        result = run_python("-m", "pytest", "bench", "-p", "no:benchmark", "--mnist-dir", mnist_dir,
+                            "-p", "no:cacheprovider", timeout=120)
+        assert result.returncode == 4, result.stdout + result.stderr
+        assert result.stderr.strip() == ("ERROR: this suite needs pytest-benchmark, which `-p no:benchmark` turned "
+                                         "off; drop that option"), result.stderr
 
 
 @pytest.mark.parametrize("module, message", [
@@ -109,21 +200,38 @@ def read_only_folder(tmp_path) -> Path:
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path, read_only_folder, mnist_dir):
+    """Every file a run will write is made and removed before anything trains: its folder, and its exact name."""
     (tmp_path / "a-file").write_text("")
     (tmp_path / "dangling.json").symlink_to(tmp_path / "nowhere" / "out.json")
+    cannot_write = r"cannot be written \((Read-only file system|Permission denied)\)"
     cases = {
-        tmp_path / "a-file" / "out.json": f"{tmp_path / 'a-file'} is a file, not a folder",
-        read_only_folder / "out.json": f"the folder {read_only_folder} is not writable",
+        tmp_path / "a-file" / "out.json": re.escape(f"{tmp_path / 'a-file'} is a file, not a folder"),
+        read_only_folder / "out.json": cannot_write,
         tmp_path / "dangling.json": "is a dangling symbolic link",
         tmp_path / "dangling.json" / "out.json": "is a dangling symbolic link",
+        tmp_path / ("x" * 251 + ".json"): r"cannot be written \(File name too long\)",
     }
     for output, message in cases.items():
         ran = run_python("-m", "bench", "run", "pytorch", "--mnist-dir", mnist_dir, "--output", str(output), timeout=120)
-        assert ran.returncode == 2 and f"--output {output}" in ran.stderr and message in ran.stderr, ran.stderr
+        assert ran.returncode == 2 and f"--output {output}" in ran.stderr and re.search(message, ran.stderr), ran.stderr
         session = run_python("-m", "pytest", "bench", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
                              f"--benchmark-json={output}", timeout=120)
-        assert session.returncode == 4 and message in session.stderr, session.stderr
+        assert session.returncode == 4 and re.search(message, session.stderr), session.stderr
+    # The longest name a file may have, whose interrupted twin (NAME.partial.json) could not be written.
+    longest = tmp_path / ("x" * 250 + ".json")
+    session = run_python("-m", "pytest", "bench", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
+                         f"--benchmark-json={longest}", timeout=120)
+    assert session.returncode == 4 and f"{'x' * 250}.partial.json cannot be written (File name too long)" \
+        in session.stderr, session.stderr
+    # The autosaved history, as `make bench` writes it (a read-only results/ in a container run as another user).
+    for storage, message in ((read_only_folder, cannot_write), (tmp_path / "a-file", "is a file, not a folder")):
+        session = run_python("-m", "pytest", "bench", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
+                             "--benchmark-autosave", f"--benchmark-storage=file://{storage}", timeout=120)
+        assert session.returncode == 4 and f"--benchmark-autosave (--benchmark-storage {storage})" in session.stderr
+        assert re.search(message, session.stderr), session.stderr
     assert not (tmp_path / "nowhere").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file", "dangling.json", "read-only"], \
+        "a refused run left a file or a folder behind"
 
 
 # --- Nothing measured is lost ------------------------------------------------------------------------------------------
@@ -166,8 +274,8 @@ def test_benchmark_json_that_cannot_be_written_keeps_the_records_elsewhere(full_
                          "--mnist-dir", mnist_dir, "-p", "no:cacheprovider", f"--benchmark-json={output}")
     assert session.returncode == 4, session.stdout + session.stderr
     assert f"--benchmark-json {output} could not be written (No space left on device)" in session.stderr
-    kept = kept_path(session.stderr, "records are")
-    assert [record["framework"] for record in json.loads(kept.read_text())] == ["mine"]
+    kept = kept_path(session.stderr, "run is")
+    assert [record.framework for record in load_run_file(kept).records] == ["mine"], "the report cannot read it"
     kept.unlink()
     assert sorted(path.name for path in full_disk.iterdir()) == ["filler"], "a temporary file was left behind"
 
@@ -235,9 +343,13 @@ def start_session(tmp_path, mnist_dir):
             process.communicate()
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to pytest alone", "Ctrl-C to the process group"])
-def test_an_interrupted_session_keeps_what_finished_as_partial_and_leaves_no_worker(how, start_session, tmp_path):
-    process = start_session("mine,hang")
+@pytest.mark.parametrize("how, frameworks, finished", [
+    ("SIGTERM to pytest alone", "mine,hang", ["mine"]),
+    ("Ctrl-C to the process group", "hang", []),  # interrupted in the first framework's first epoch
+])
+def test_an_interrupted_session_keeps_what_finished_as_partial_and_leaves_no_worker(how, frameworks, finished,
+                                                                                     start_session, tmp_path):
+    process = start_session(frameworks)
     workers = descendants(process.pid)
     assert workers, "no worker process found"
     if how.startswith("SIGTERM"):
@@ -250,12 +362,15 @@ def test_an_interrupted_session_keeps_what_finished_as_partial_and_leaves_no_wor
     assert "Traceback" not in out + err, out + err
     assert not (tmp_path / "out.json").exists(), "an interrupted session was saved as complete"
     assert not list((tmp_path / "history").rglob("*.json")), "an interrupted session went into the history"
-    partial = json.loads((tmp_path / "out.partial.json").read_text())
-    assert partial["mnist_bench_interrupted"] is True
-    assert [b["extra_info"]["framework"] for b in partial["benchmarks"]] == ["mine"]
-    assert f"kept in {tmp_path / 'out.partial.json'}, marked incomplete" in out
-    gate = run_python("-m", "bench.gate", "--baseline", str(tmp_path / "out.partial.json"),
-                      str(tmp_path / "out.partial.json"), timeout=60)
+    partial = tmp_path / "out.partial.json"
+    if not finished:  # nothing to keep: no empty partial file that the report and the gate could not use
+        assert not partial.exists() and f"interrupted before any framework finished: {partial} not written" in out
+        return
+    content = json.loads(partial.read_text())
+    assert content["mnist_bench_interrupted"] is True
+    assert [b["extra_info"]["framework"] for b in content["benchmarks"]] == finished
+    assert f"kept in {partial}, marked incomplete" in out
+    gate = run_python("-m", "bench.gate", "--baseline", str(partial), str(partial), timeout=60)
     assert gate.returncode == 2 and "an interrupted session's partial results" in gate.stderr
 
 

@@ -141,13 +141,24 @@ def batches_of_all_replicas(shards: torch.Tensor) -> torch.Tensor:
 
 def select_device(config: contract.RunConfig) -> torch.device:
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise contract.ConfigError("--device cuda: PyTorch sees no CUDA GPU (is this a CPU-only torch build?); use --device cpu")
+        raise contract.ConfigError(f"--device cuda: PyTorch sees no CUDA GPU ({cuda_problem()}); use --device cpu")
     cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", contract.job_process().local_rank) if cuda else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # this replica's GPU: NCCL's and the CUDA allocator's current device
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.allow_tf32
     return device
+
+
+def cuda_problem() -> str:
+    """What keeps this torch from CUDA: its build, or (torch's own words) the driver or the device."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build: install a CUDA build of torch"
+    try:
+        torch.cuda.init()
+    except RuntimeError as error:  # "Found no NVIDIA driver on your system. ...", or no device
+        return f"torch {torch.__version__} is built for CUDA {torch.version.cuda}: {str(error).splitlines()[0]}"
+    return "no CUDA device is visible (CUDA_VISIBLE_DEVICES?)"
 
 
 def device_data(data: contract.Data, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -185,7 +196,7 @@ class TorchTrainer(contract.Trainer):
 
     def environment(self):
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
-        return {"framework_version": torch.__version__, **devices_environment(name)}
+        return {"framework_version": str(torch.__version__), **devices_environment(name)}  # a str, not torch's class
 
     def memory_peak_bytes(self):
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
@@ -228,11 +239,12 @@ class TorchTrainer(contract.Trainer):
         self.model.train()
         batches = self.epoch_batches(epoch)
         shards = torch.from_numpy(batches[:, contract.replica_shard(batches.shape[1], self.rank, self.replicas)])
-        losses, consumed = [], []
-        for indices in shards.to(self.device):
+        losses, consumed, progress = [], [], self.progress_meter(batches)
+        for step, indices in enumerate(shards.to(self.device), start=1):
             labels = self.train_labels[indices]
             losses.append(self.device_train_step(self.train_images[indices], labels))
             consumed.append(labels)
+            progress.step(step, wait=losses[-1].item)
         mean_loss = mean_over_replicas(torch.stack(losses)).mean().item()  # .item() waits: the time is real
         seconds = time.perf_counter() - start
         consumed = batches_of_all_replicas(torch.stack(consumed))
