@@ -3,14 +3,15 @@
 Everything framework-neutral lives here, once, in numpy: the run configuration, the recipe constants (in PyTorch's
 conventions), the learning-rate schedule, the per-epoch data order, the canonical weight format with its initializer,
 and the `Trainer` interface that each `implementations/<framework>/` package implements. A framework file translates
-these; it never restates them.
+these; it never restates them (a page in another language passes `recipe()` to its program).
 
 Every framework page (Python, Rust or Haskell) has the sections of PAGE_SECTIONS, in that order, each opened by one
-banner comment `# --- Model ---...` (`//` in Rust, `--` in Haskell), and uses the same names for the same things:
-`BasicBlock` and `ResNet18` for the model; on the trainer, `device_train_step(images, labels)` for one SGD step on a
-device-resident batch (what `train_epoch` runs, and what the contract's `train_step` runs after moving a host batch to
-the device) and `device_eval_step(images, labels)` for one evaluation batch (summed loss, correct count), `evaluate`,
-and `import_canonical`/`export_canonical` for the weight conversion. tests/test_pages.py checks the banners.
+banner comment `# --- Model ---...` (`//` in Rust, `--` in Haskell), and its members stand in the sections and the
+order of PAGE_MEMBERS, under the same names: the Flax examples' vocabulary, `train_step` for one SGD step on a
+device-resident batch and `eval_step` for one evaluation batch (summed loss, correct count), then the Trainer's
+`train_on_batch` (Keras' name: one step on a batch from outside), `train_batches` (the epoch's loop), `evaluate`, and
+`import_canonical`/`export_canonical` for the weight conversion. tests/test_pages.py checks both, and
+implementations/README.md says how to add a row.
 """
 
 from __future__ import annotations
@@ -28,6 +29,19 @@ import numpy as np
 
 
 PAGE_SECTIONS = ("Model", "State", "Train step", "Epoch", "Evaluation", "Canonical weights")
+# Where a page's members stand: section -> their names, in order. A page defines those it needs (a row whose model is
+# in another language has no BasicBlock in Python); each stands in its section, in this order, among the page's own
+# helpers. ".name" is a method of the page's Trainer; "a|b" is one member under its names in other idioms (Haiku's
+# network is a function). Rust pages spell them in snake_case, Haskell pages in camelCase.
+PAGE_MEMBERS = {
+    "Model": ("BasicBlock", "ResNet18|resnet18"),
+    "State": ("select_device|select_devices", "TrainState", "make_optimizer", ".build", ".environment",
+              ".memory_peak_bytes", ".trainable_parameters"),
+    "Train step": (".train_step", ".train_on_batch", ".learning_rates"),
+    "Epoch": (".train_batches", ".warm_up"),
+    "Evaluation": (".eval_step", ".evaluate", ".logits"),
+    "Canonical weights": (".import_weights", ".export_weights", "import_canonical", "export_canonical"),
+}
 
 
 class ConfigError(ValueError):
@@ -412,13 +426,24 @@ class ProgressMeter:
         self.next_report = now + self.interval_s
 
 
+WARMUP_STEPS = 3  # what the warm-up trains before the timed epochs: their first steps, through their own path
+
+
+def recipe() -> dict:
+    """The recipe's constants and the model's widths, for a page in another language to hand to its program (rather
+    than restate them): change one here, and every row follows."""
+    return {"bn_epsilon": BN_EPSILON, "bn_momentum": BN_MOMENTUM, "sgd_momentum": SGD_MOMENTUM,
+            "stage_widths": list(STAGE_WIDTHS), "num_classes": NUM_CLASSES}
+
+
 @dataclass
 class Trainer(abc.ABC):
     """One framework's training of the shared recipe; the benchmark worker drives it through these methods only.
 
     `__init__` builds the model from `weights` and moves `data` to the device once. Steps are counted from 0 from the
     last import_weights(); each step's learning rate is `schedule[step]`. The harness names the run (the registry's
-    name, or --framework-module's): a trainer does not name itself.
+    name, or --framework-module's): a trainer does not name itself. The methods below come in the order of the page's
+    sections (PAGE_MEMBERS), where each page defines them too.
     """
 
     config: RunConfig
@@ -438,6 +463,7 @@ class Trainer(abc.ABC):
         self.schedule = learning_rate_table(self.config, len(self.data.train_labels))
         self.build(self.weights)
 
+    # State
     @abc.abstractmethod
     def build(self, weights: Weights) -> None:
         """Create model, optimizer and device data; start from `weights`."""
@@ -445,33 +471,54 @@ class Trainer(abc.ABC):
     @abc.abstractmethod
     def environment(self) -> dict:
         """{"framework_version": ..., "device": human-readable device name}; with replicas, also "devices" (one name
-        per replica) and "threads_per_replica" (the compute threads each replica may use)."""
+        per replica) and "threads_per_replica" (the compute threads each replica may use). Plain data only."""
 
     @abc.abstractmethod
-    def import_weights(self, weights: Weights) -> None:
-        """Start afresh from canonical `weights` (checked with check_weights, which names what is wrong): model and
-        BatchNorm statistics set, optimizer state zeroed, step 0."""
+    def memory_peak_bytes(self) -> int | None:
+        """The framework allocator's peak device memory; None where the allocator does not report one (CPU)."""
 
     @abc.abstractmethod
-    def export_weights(self) -> Weights:
-        """The current model as canonical weights (numpy float32, PyTorch names and layouts)."""
+    def trainable_parameters(self) -> int:
+        """The framework's own count of the model's trainable parameters (TRAINABLE_PARAMETERS, if it is the model)."""
+
+    # Train step: a page's own `train_step(images, labels)` is one SGD step on a device-resident batch
+    @abc.abstractmethod
+    def train_on_batch(self, images: np.ndarray, labels: np.ndarray) -> float:
+        """One SGD step on a host batch ([B, 1, 28, 28] normalized, [B]) at the current step's learning rate, through
+        the same step the epochs run (as Keras' train_on_batch); the loss."""
 
     @abc.abstractmethod
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> float:
-        """One SGD step on a host batch ([B, 1, 28, 28] normalized, [B]) at the current step's learning rate; the loss."""
+    def learning_rates(self, steps: np.ndarray) -> np.ndarray:
+        """The learning rate the framework's own schedule mechanism gives at each of `steps`."""
 
+    # Epoch
     def epoch_batches(self, epoch: int) -> np.ndarray:
         """[steps, batch_size] indices into the training data, in the order every framework trains on them."""
         return epoch_batches(self.config.seed, epoch, len(self.data.train_labels), self.config.batch_size)
 
     def progress_meter(self, batches: np.ndarray) -> ProgressMeter:
-        """The meter of an epoch over `batches`: its step() reports to the harness, when one listens."""
+        """The meter of a run over `batches`: its step() reports to the harness, when one listens."""
         return ProgressMeter(self.report_progress, len(batches), batches.shape[1], self.progress_interval_s)
 
-    @abc.abstractmethod
     def train_epoch(self, epoch: int) -> EpochResult:
-        """Train on self.epoch_batches(epoch) from device-resident data; synchronized before it returns."""
+        """One epoch: what the harness times."""
+        return self.train_batches(self.epoch_batches(epoch))
 
+    @abc.abstractmethod
+    def train_batches(self, batches: np.ndarray) -> EpochResult:
+        """Train on `batches` ([steps, batch_size] indices into the device-resident training data), in order, calling
+        progress_meter(batches).step() after each step; synchronized before it returns."""
+
+    def warm_up(self) -> None:
+        """Compile and trace on exactly what the timed epochs run, outside their timer: the epoch's own path over its
+        first WARMUP_STEPS batches (the same layouts, strides, dtypes and shapes), and one evaluation; then the initial
+        state again."""
+        self.train_batches(self.epoch_batches(0)[:WARMUP_STEPS])
+        self.evaluate()
+        self.import_weights(self.weights)
+
+    # Evaluation: a page's own `eval_step(images, labels)` is one device-resident evaluation batch's summed loss and
+    # correct count
     @abc.abstractmethod
     def evaluate(self) -> Evaluation:
         """Eval-mode loss and accuracy on all test images, EVAL_BATCH_SIZE at a time."""
@@ -481,23 +528,15 @@ class Trainer(abc.ABC):
         """[B, 10] logits of a host batch; train=True normalizes with batch statistics, as a training forward pass does
         (it may update the BatchNorm running statistics too: callers that care import weights afterwards)."""
 
+    # Canonical weights
     @abc.abstractmethod
-    def learning_rates(self, steps: np.ndarray) -> np.ndarray:
-        """The learning rate the framework's own schedule mechanism gives at each of `steps`."""
+    def import_weights(self, weights: Weights) -> None:
+        """Start afresh from canonical `weights` (checked with check_weights, which names what is wrong): model and
+        BatchNorm statistics set, optimizer state zeroed, step 0."""
 
     @abc.abstractmethod
-    def memory_peak_bytes(self) -> int | None:
-        """The framework allocator's peak device memory; None where the allocator does not report one (CPU)."""
-
-    def warm_up(self) -> None:
-        """Compile/trace on the real shapes (a few steps, one evaluation), then restore the initial state.
-
-        Frameworks whose epoch runs another compiled path than train_step override this to compile that path too.
-        """
-        for indices in self.epoch_batches(0)[:3]:
-            self.train_step(self.data.train_images[indices], self.data.train_labels[indices])
-        self.evaluate()
-        self.import_weights(self.weights)
+    def export_weights(self) -> Weights:
+        """The current model as canonical weights (numpy float32, PyTorch names and layouts)."""
 
 
 # --- Work per image: what model FLOPs utilization divides by the machine's measured peak ---------------------------
