@@ -161,7 +161,7 @@ class FrameworkRun:
             test_loss=final.loss if final else None,
             target_accuracy=self.config.min_accuracy,
             warmup_s=self.warmup_s,
-            trainable_parameters=contract.trainable_parameter_count(self.worker.call("export_weights")),
+            trainable_parameters=self.worker.call("trainable_parameters"),
             gpu_memory_peak_bytes=self.gpu.peak_bytes,
             allocator_peak_bytes=self.worker.call("memory_peak_bytes"),
             peak_rss_bytes=self.worker.call("peak_rss_bytes"),

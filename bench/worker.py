@@ -31,10 +31,11 @@ from bench.errors import BenchError
 
 DEFAULT_CALL_TIMEOUT_S = 1800.0  # per worker call: one epoch of a slow framework on a 2-core CPU fits
 SHUTDOWN_GRACE_S = 5.0  # close(): how long a worker may take to end before the next, harder stop (SIGTERM, SIGKILL)
-# What the benchmark process may ask of a trainer (plus "peak_rss_bytes" and "build", served by the worker itself).
+# What the benchmark process may ask of a trainer: contract.Trainer's methods (plus "peak_rss_bytes" and "build", served
+# by the worker itself).
 TRAINER_METHODS = frozenset({
-    "environment", "warm_up", "train_step", "train_epoch", "evaluate", "logits", "learning_rates",
-    "import_weights", "export_weights", "memory_peak_bytes",
+    "environment", "memory_peak_bytes", "trainable_parameters", "train_on_batch", "learning_rates", "warm_up",
+    "train_epoch", "evaluate", "logits", "import_weights", "export_weights",
 })
 
 

@@ -25,7 +25,7 @@ class SelfKillingTrainer(TorchTrainer):
     """Dies mid-epoch the way the out-of-memory killer ends a process: SIGKILL, no goodbye."""
 
     def train_epoch(self, epoch):
-        self.train_step(self.data.train_images[:128], self.data.train_labels[:128])
+        self.train_on_batch(self.data.train_images[:128], self.data.train_labels[:128])
         os.kill(os.getpid(), signal.SIGKILL)
 
 

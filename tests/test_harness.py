@@ -19,7 +19,7 @@ from bench.data import load_mnist
 from bench.output import keep_elsewhere, write_new_file
 from bench.record import RunRecord
 from bench.run import FrameworkRun
-from bench.worker import FrameworkWorker, WorkerError
+from bench.worker import TRAINER_METHODS, FrameworkWorker, WorkerError
 from implementations import FRAMEWORKS, contract
 
 from commands import QUICK, run_python
@@ -129,6 +129,11 @@ def test_bench_modules_import_each_other_without_a_cycle():
     cycles = [module for module in graph if reaches(module, module)]
     assert not cycles, f"import cycles through {cycles}"
     assert "bench.record" in graph["bench.gate"] and "bench.record" in graph["bench.report"]
+
+
+def test_the_contract_declares_every_method_the_harness_calls():
+    declared = {name for name in vars(contract.Trainer) if not name.startswith("_")}
+    assert TRAINER_METHODS <= declared, TRAINER_METHODS - declared
 
 
 def test_bare_pytest_collects_the_harness_tests_only():

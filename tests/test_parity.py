@@ -101,6 +101,8 @@ def test_structure(framework, workers, initial):
         assert mismatch.size == 0, (f"{framework.name}: {name} does not round-trip: {mismatch.size} values differ, "
                                     f"first at flat index {mismatch[0]}")
     assert contract.trainable_parameter_count(exported) == contract.TRAINABLE_PARAMETERS
+    counted = worker.call("trainable_parameters")
+    assert counted == contract.TRAINABLE_PARAMETERS, f"{framework.name} counts {counted} trainable parameters"
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
@@ -138,7 +140,7 @@ def describe_first_divergence(framework, before, expected, actual, steps: int) -
 
 def train_steps(worker, batches) -> tuple[list[float], contract.Weights]:
     """The losses of SGD steps on `batches`, and the weights after them."""
-    return [worker.call("train_step", images, labels) for images, labels in batches], worker.call("export_weights")
+    return [worker.call("train_on_batch", images, labels) for images, labels in batches], worker.call("export_weights")
 
 
 @pytest.fixture
@@ -227,3 +229,29 @@ def test_data_order(framework, workers, order_data, initial):
         expected = contract.label_digest(order_data.train_labels[indices.ravel()])
         assert result.label_digest == expected, (f"{framework.name}: epoch {epoch} consumed labels with digest "
                                                  f"{result.label_digest}, the shared permutation gives {expected}")
+
+
+CHANGED_RECIPE = 2  # the pool's copy number of the workers built under tests/changed_recipe.py
+
+
+def test_a_recipe_changed_in_the_contract_reaches_the_row(framework, workers, data, initial, expected):
+    """No page restates the recipe (a page in another language passes contract.recipe() to its program): with BatchNorm's
+    epsilon and momentum and SGD's momentum changed in the contract, the row's first two steps agree with the PyTorch
+    reference's under the same change, as test_first_steps holds them, where the unchanged recipe's are far off."""
+    changed = lambda row: workers.get(row._replace(module=f"changed_recipe:{row.name}"), CONFIG, copy=CHANGED_RECIPE)
+    batches = first_batches(data, 2)
+    results = {}
+    for steps in (1, 2):
+        reference = changed(REFERENCE)
+        reference.call("import_weights", initial)
+        results[steps] = train_steps(reference, batches[:steps])
+        unchanged = expected(("steps", steps), lambda worker: train_steps(worker, batches[:steps]))
+        assert describe_first_divergence(REFERENCE, initial, results[steps][1], unchanged[1], steps), \
+            "the changed recipe trains as the unchanged one: this test would not see a row ignore it"
+    row = changed(framework)
+    for steps in (1, 2):
+        row.call("import_weights", initial)
+        _, weights = train_steps(row, batches[:steps])
+        problems = describe_first_divergence(framework, initial, results[steps][1], weights, steps)
+        assert not problems, (f"{len(problems)} tensor(s) diverged from the changed recipe's reference after {steps} "
+                              "step(s), first in model order:\n" + "\n".join(problems[:8]))
