@@ -110,36 +110,17 @@ class ResNet18(nnx.Module):
         return self.fc(x.mean(axis=(1, 2))).astype(jnp.float32)
 
 
+@nnx.jit
+def forward(model: ResNet18, images):
+    return model(images)
+
+
 # --- State -----------------------------------------------------------------------------------------------------------
 # The model holds parameters (nnx.Param) and BatchNorm statistics (nnx.BatchStat); the nnx.Optimizer holds the momentum
 # buffers of the parameters and the step count that indexes the schedule.
 def make_optimizer(learning_rate: optax.Schedule) -> optax.GradientTransformation:
     # optax's trace is PyTorch's momentum: buf = 0.9 * buf + grad; params -= lr * buf.
     return optax.sgd(learning_rate, momentum=contract.SGD_MOMENTUM)
-
-
-# The Flax examples' pure steps, compiled by nnx.jit; the trainer's device_train_step and device_eval_step run them.
-# The model and optimizer are donated: XLA updates parameters, statistics and momentum in place.
-@nnx.jit(donate_argnames=("model", "optimizer"))
-def update(model: ResNet18, optimizer: nnx.Optimizer, images, labels):
-    def loss_fn(model):
-        return optax.softmax_cross_entropy_with_integer_labels(model(images), labels).mean()
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)  # gradients of the nnx.Param leaves; BatchStat updates kept
-    optimizer.update(model, grads)
-    return loss
-
-
-@nnx.jit
-def eval_batch(model: ResNet18, images, labels):
-    logits = model(images)
-    loss_sum = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
-    return loss_sum, (logits.argmax(-1) == labels).sum()
-
-
-@nnx.jit
-def forward(model: ResNet18, images):
-    return model(images)
 
 
 class FlaxTrainer(contract.Trainer):
@@ -169,32 +150,47 @@ class FlaxTrainer(contract.Trainer):
         return {"framework_version": f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}",
                 **devices_environment(self.devices)}
 
-    def warm_up(self):
-        """The contract's warm-up (the step, one evaluation), and the epoch's gather of a batch from the device data."""
-        super().warm_up()
-        indices = jax.device_put(self.epoch_batches(0)[0], self.replicated)
-        jax.block_until_ready((self.train_images[indices], self.train_labels[indices]))
+    def memory_peak_bytes(self):
+        stats = self.device.memory_stats()  # None on CPU
+        return stats.get("peak_bytes_in_use") if stats else None
+
+    def trainable_parameters(self):
+        return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
 
     # --- Train step --------------------------------------------------------------------------------------------------
-    def device_train_step(self, images, labels):
-        images, labels = jax.device_put((images, labels), self.batch_sharding)  # each device takes its shard
-        return update(self.model, self.optimizer, images, labels)
+    # The Flax examples' pure steps, compiled by nnx.jit. The model and optimizer are donated: XLA updates parameters,
+    # statistics and momentum in place.
+    @staticmethod
+    @nnx.jit(donate_argnames=("model", "optimizer"))
+    def train_step(model: ResNet18, optimizer: nnx.Optimizer, images, labels) -> jax.Array:
+        """One SGD step on a device-resident batch, in place on the model and optimizer; the loss stays on the device."""
+        def loss_fn(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(images), labels).mean()
 
-    def train_step(self, images, labels):
+        loss, grads = nnx.value_and_grad(loss_fn)(model)  # gradients of the nnx.Param leaves; BatchStat updates kept
+        optimizer.update(model, grads)
+        return loss
+
+    def train_on_batch(self, images, labels):
         self.model.train()  # BatchNorm normalizes with, and updates, batch statistics
-        return float(self.device_train_step(*jax.device_put((contract.nhwc(images), labels), self.replicated)))
+        images, labels = jax.device_put((contract.nhwc(images), labels), self.batch_sharding)
+        return float(self.train_step(self.model, self.optimizer, images, labels))
+
+    def learning_rates(self, steps):
+        return np.asarray(self.learning_rate(jnp.asarray(steps)))
 
     # --- Epoch -------------------------------------------------------------------------------------------------------
-    def train_epoch(self, epoch):
+    def train_batches(self, batches):
         start = time.perf_counter()
         self.model.train()
-        batches = self.epoch_batches(epoch)
-        losses, consumed = [], []
-        for indices in batches:
+        losses, consumed, progress = [], [], self.progress_meter(batches)
+        for step, indices in enumerate(batches, start=1):
             indices = jax.device_put(indices, self.replicated)
             labels = self.train_labels[indices]  # gathered on the device
-            losses.append(self.device_train_step(self.train_images[indices], labels))  # no sync per step
+            images, batch_labels = jax.device_put((self.train_images[indices], labels), self.batch_sharding)
+            losses.append(self.train_step(self.model, self.optimizer, images, batch_labels))  # no sync per step
             consumed.append(labels)
+            progress.step(step, wait=losses[-1].block_until_ready)
         losses, consumed = jax.device_get((losses, consumed))  # waits for every step's loss
         jax.block_until_ready(nnx.state(self.model))  # and for the last step's update, before the clock
         seconds = time.perf_counter() - start
@@ -202,15 +198,20 @@ class FlaxTrainer(contract.Trainer):
                                     contract.label_digest(np.concatenate(consumed)))
 
     # --- Evaluation --------------------------------------------------------------------------------------------------
-    def device_eval_step(self, images, labels):
-        return eval_batch(self.model, images, labels)
+    @staticmethod
+    @nnx.jit
+    def eval_step(model: ResNet18, images, labels) -> tuple[jax.Array, jax.Array]:
+        """Eval mode's summed loss and correct count of one device-resident batch."""
+        logits = model(images)
+        loss_sum = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+        return loss_sum, (logits.argmax(-1) == labels).sum()
 
     def evaluate(self):
         self.model.eval()  # BatchNorm normalizes with its running statistics
         loss_sum = correct = 0
         for start in range(0, len(self.data.test_labels), contract.EVAL_BATCH_SIZE):
             batch = slice(start, start + contract.EVAL_BATCH_SIZE)
-            batch_loss, batch_correct = self.device_eval_step(self.test_images[batch], self.test_labels[batch])
+            batch_loss, batch_correct = self.eval_step(self.model, self.test_images[batch], self.test_labels[batch])
             loss_sum, correct = loss_sum + batch_loss, correct + batch_correct  # device scalars: no sync per batch
         n = len(self.data.test_labels)
         return contract.Evaluation(float(loss_sum) / n, int(correct) / n)
@@ -218,13 +219,6 @@ class FlaxTrainer(contract.Trainer):
     def logits(self, images, train):
         self.model.train() if train else self.model.eval()
         return np.asarray(forward(self.model, jax.device_put(contract.nhwc(images), self.replicated)))
-
-    def learning_rates(self, steps):
-        return np.asarray(self.learning_rate(jnp.asarray(steps)))
-
-    def memory_peak_bytes(self):
-        stats = self.device.memory_stats()  # None on CPU
-        return stats.get("peak_bytes_in_use") if stats else None
 
     # --- Canonical weights -------------------------------------------------------------------------------------------
     def import_weights(self, weights):

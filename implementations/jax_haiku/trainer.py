@@ -129,9 +129,9 @@ class HaikuTrainer(contract.Trainer):
         cpu_options = {"xla_disable_hlo_passes": "algsimp"} if self.device.platform == "cpu" else None
         jit = partial(jax.jit, compiler_options=cpu_options)
         # The state is donated: XLA updates parameters and momentum in place instead of allocating new buffers.
-        self.jitted_update = jit(partial(self.update, self.optimizer, dtype), donate_argnums=0,
-                                 out_shardings=self.replicated)
-        self.jitted_eval_batch = jit(partial(self.eval_batch, dtype))
+        self.jitted_train_step = jit(partial(self.train_step, self.optimizer, dtype), donate_argnums=0,
+                                     out_shardings=self.replicated)
+        self.jitted_eval_step = jit(partial(self.eval_step, dtype))
         self.jitted_forward = jit(partial(forward, dtype=dtype), static_argnums=3)
         # The whole dataset lives on the device, NHWC (transposed once here); an epoch only indexes it.
         to_device = lambda array: jax.device_put(array, self.replicated)
@@ -149,10 +149,14 @@ class HaikuTrainer(contract.Trainer):
         stats = self.device.memory_stats()  # None on CPU
         return stats.get("peak_bytes_in_use") if stats else None
 
+    def trainable_parameters(self):
+        return sum(leaf.size for leaf in jax.tree.leaves(self.train_state.params))
+
     # --- Train step --------------------------------------------------------------------------------------------------
     @staticmethod
-    def update(optimizer, dtype, train_state: TrainState, images, labels) -> tuple[TrainState, jax.Array]:
-        """One SGD step as a pure function, jitted in build(): TrainState in, TrainState and loss out."""
+    def train_step(optimizer, dtype, train_state: TrainState, images, labels) -> tuple[TrainState, jax.Array]:
+        """One SGD step as a pure function (the Flax examples' train_step), jitted in build(): TrainState in, TrainState
+        and loss out."""
         def loss_fn(params):
             logits, state = forward(params, train_state.state, images, True, dtype)
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), state
@@ -161,37 +165,28 @@ class HaikuTrainer(contract.Trainer):
         updates, opt_state = optimizer.update(grads, train_state.opt_state)
         return TrainState(optax.apply_updates(train_state.params, updates), state, opt_state), loss
 
-    def device_train_step(self, images: jax.Array, labels: jax.Array) -> jax.Array:
-        images, labels = jax.device_put((images, labels), self.batch_sharding)  # each device takes its shard
-        self.train_state, loss = self.jitted_update(self.train_state, images, labels)
-        return loss  # stays on the device: dispatch runs ahead of the computation, no sync per step
-
-    def train_step(self, images, labels):
-        # On the device first: the very program (and argument placement) that the epoch's steps run.
-        images, labels = jax.device_put((contract.nhwc(images), labels), self.replicated)
-        return float(self.device_train_step(images, labels))
+    def train_on_batch(self, images, labels):
+        images, labels = jax.device_put((contract.nhwc(images), labels), self.batch_sharding)
+        self.train_state, loss = self.jitted_train_step(self.train_state, images, labels)
+        return float(loss)
 
     def learning_rates(self, steps):
         return np.asarray(self.learning_rate(jnp.asarray(steps)))
 
     # --- Epoch -------------------------------------------------------------------------------------------------------
-    def warm_up(self):
-        """The contract's warm-up (the step, one evaluation), and the epoch's gather of a batch from the device data."""
-        super().warm_up()
-        indices = jax.device_put(self.epoch_batches(0)[0], self.replicated)
-        jax.block_until_ready((self.train_images[indices], self.train_labels[indices]))
-
-    def train_epoch(self, epoch):
+    def train_batches(self, batches):
         # A Python loop of jitted steps. As one lax.scan it was 19x slower per step here: XLA:CPU left the backward
         # convolutions inside the loop body in layouts that only its naive emitter runs.
         start = time.perf_counter()
-        batches = self.epoch_batches(epoch)
-        losses, consumed = [], []
-        for indices in batches:
+        losses, consumed, progress = [], [], self.progress_meter(batches)
+        for step, indices in enumerate(batches, start=1):
             indices = jax.device_put(indices, self.replicated)
             labels = self.train_labels[indices]  # gathered on the device
-            losses.append(self.device_train_step(self.train_images[indices], labels))
+            images, batch_labels = jax.device_put((self.train_images[indices], labels), self.batch_sharding)
+            self.train_state, loss = self.jitted_train_step(self.train_state, images, batch_labels)  # no sync per step
+            losses.append(loss)
             consumed.append(labels)
+            progress.step(step, wait=loss.block_until_ready)
         losses, consumed = jax.device_get((losses, consumed))  # waits for every step's loss
         jax.block_until_ready(self.train_state)  # and for the last step's update, before the clock
         seconds = time.perf_counter() - start
@@ -200,20 +195,19 @@ class HaikuTrainer(contract.Trainer):
 
     # --- Evaluation --------------------------------------------------------------------------------------------------
     @staticmethod
-    def eval_batch(dtype, params, state, images, labels) -> tuple[jax.Array, jax.Array]:
+    def eval_step(dtype, params, state, images, labels) -> tuple[jax.Array, jax.Array]:
         """Eval mode's summed loss and correct count of one batch, as a pure function jitted in build()."""
         logits, _ = forward(params, state, images, False, dtype)
         loss_sum = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
         return loss_sum, (logits.argmax(-1) == labels).sum()
 
-    def device_eval_step(self, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return self.jitted_eval_batch(self.train_state.params, self.train_state.state, images, labels)
-
     def evaluate(self):
+        params, state = self.train_state.params, self.train_state.state
         loss_sum = correct = 0
         for start in range(0, len(self.data.test_labels), contract.EVAL_BATCH_SIZE):
             batch = slice(start, start + contract.EVAL_BATCH_SIZE)
-            batch_loss, batch_correct = self.device_eval_step(self.test_images[batch], self.test_labels[batch])
+            batch_loss, batch_correct = self.jitted_eval_step(params, state, self.test_images[batch],
+                                                              self.test_labels[batch])
             loss_sum, correct = loss_sum + batch_loss, correct + batch_correct  # device scalars: no sync per batch
         n = len(self.data.test_labels)
         return contract.Evaluation(float(loss_sum) / n, int(correct) / n)  # the one host read

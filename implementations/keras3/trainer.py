@@ -22,6 +22,7 @@ CUDA_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin")
 if os.environ.get("KERAS_BACKEND") == "jax" and not any(importlib.util.find_spec(plugin) for plugin in CUDA_PLUGINS):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_disable_hlo_passes=algsimp".strip()
 
+import math
 import time
 
 import keras
@@ -32,27 +33,17 @@ from implementations import contract
 
 
 # --- Model -----------------------------------------------------------------------------------------------------------
-class Conv2d(layers.Conv2D):
+def conv(filters: int, kernel_size: int, strides: int = 1) -> layers.Layer:
     """PyTorch's Conv2d(kernel, stride, padding=kernel // 2, bias=False) on NHWC images.
 
     Keras' "same" pads a stride-2 convolution of an even-sized input on the bottom/right only (28 -> 14 in the stem,
-    4 -> 2 and 2 -> 1 in stages 3 and 4), where PyTorch pads every side alike: those convolutions pad explicitly.
-    At stride 1, and for 1x1 kernels, "same" already is PyTorch's padding.
+    4 -> 2 and 2 -> 1 in stages 3 and 4), where PyTorch pads every side alike: those pad explicitly, then convolve
+    "valid". At stride 1, and for 1x1 kernels, "same" already is PyTorch's padding.
     """
-
-    def __init__(self, filters: int, kernel_size: int, strides: int = 1):
-        explicit = strides > 1 and kernel_size > 1
-        super().__init__(filters, kernel_size, strides, padding="valid" if explicit else "same", use_bias=False)
-        self.explicit_padding = kernel_size // 2 if explicit else 0
-
-    def call(self, inputs):
-        p = self.explicit_padding
-        return super().call(ops.pad(inputs, [[0, 0], [p, p], [p, p], [0, 0]]) if p else inputs)
-
-    def compute_output_shape(self, input_shape):  # Keras checks the shape at build time: the padded one
-        batch, height, width, channels = input_shape
-        p = 2 * self.explicit_padding
-        return super().compute_output_shape((batch, height + p, width + p, channels))
+    if strides == 1 or kernel_size == 1:
+        return layers.Conv2D(filters, kernel_size, strides, padding="same", use_bias=False)
+    return keras.Sequential([layers.ZeroPadding2D(kernel_size // 2),
+                             layers.Conv2D(filters, kernel_size, strides, padding="valid", use_bias=False)])
 
 
 class BatchNorm2d(layers.BatchNormalization):
@@ -82,32 +73,34 @@ class BatchNorm2d(layers.BatchNormalization):
 
 
 class BasicBlock(keras.layers.Layer):
-    def __init__(self, in_channels: int, out_channels: int, stride: int):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, batchnorm: type = BatchNorm2d):
         super().__init__()
-        self.conv1 = Conv2d(out_channels, 3, stride)
-        self.bn1 = BatchNorm2d()
-        self.conv2 = Conv2d(out_channels, 3)
-        self.bn2 = BatchNorm2d()
+        self.conv1 = conv(out_channels, 3, stride)
+        self.bn1 = batchnorm()
+        self.conv2 = conv(out_channels, 3)
+        self.bn2 = batchnorm()
         self.downsample = None
         if stride != 1 or in_channels != out_channels:
-            self.downsample = [Conv2d(out_channels, 1, stride), BatchNorm2d()]  # indexed as PyTorch's Sequential
+            self.downsample = [conv(out_channels, 1, stride), batchnorm()]  # indexed as PyTorch's Sequential
 
     def call(self, x, training=False):
         shortcut = x
         if self.downsample is not None:
-            conv, bn = self.downsample
-            shortcut = bn(conv(x), training=training)
+            downsample_conv, downsample_bn = self.downsample
+            shortcut = downsample_bn(downsample_conv(x), training=training)
         out = ops.relu(self.bn1(self.conv1(x), training=training))
         out = self.bn2(self.conv2(out), training=training)
         return ops.relu(out + shortcut)
 
 
 class ResNet18(keras.Model):
-    def __init__(self):
+    """batchnorm: the BatchNorm layer (the TensorFlow page passes its fused kernel's)."""
+
+    def __init__(self, batchnorm: type = BatchNorm2d):
         super().__init__()
         widths = contract.STAGE_WIDTHS
-        self.conv1 = Conv2d(widths[0], 7, 2)
-        self.bn1 = BatchNorm2d()
+        self.conv1 = conv(widths[0], 7, 2)
+        self.bn1 = batchnorm()
         # PyTorch's MaxPool2d(3, 2, padding=1) pads with -inf; zeros are equivalent here, after a ReLU: every window
         # holds a value >= 0, and a pad can only tie with a zero, whose ReLU passes no gradient either way.
         # ("same" would pad bottom/right only, as for the convolutions.)
@@ -115,7 +108,7 @@ class ResNet18(keras.Model):
         in_channels = widths[0]
         for stage, (width, blocks) in enumerate(zip(widths, contract.BLOCKS_PER_STAGE), start=1):
             stride = 1 if stage == 1 else 2
-            layer = [BasicBlock(in_channels if b == 0 else width, width, stride if b == 0 else 1)
+            layer = [BasicBlock(in_channels if b == 0 else width, width, stride if b == 0 else 1, batchnorm)
                      for b in range(blocks)]
             setattr(self, f"layer{stage}", layer)
             in_channels = width
@@ -128,6 +121,7 @@ class ResNet18(keras.Model):
         return ops.cast(self.fc(ops.mean(x, axis=(1, 2))), "float32")  # float32 logits under mixed bf16 too
 
 
+# --- State -----------------------------------------------------------------------------------------------------------
 def gpu_available() -> bool:
     """Keras has no backend-neutral device query: each backend is asked in its own words."""
     backend = keras.backend.backend()
@@ -164,7 +158,6 @@ def data_parallel_devices(device: str, replicas: int) -> list[str]:
     return devices[:replicas]
 
 
-# --- State -----------------------------------------------------------------------------------------------------------
 class TableSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """The contract's learning-rate table, looked up at the optimizer's step counter."""
 
@@ -190,12 +183,29 @@ class SGD(keras.optimizers.Optimizer):
         self.momentum_buffers = self.add_optimizer_variables(variables, "momentum")
 
     def update_step(self, gradient, variable, learning_rate):
+        # The one non-public name: Keras' public API has no way from a variable to its slot (on TensorFlow update_step
+        # gets the backend's tf.Variable, with no .path to key a dict on). _get_variable_index is what Keras documents
+        # for a custom optimizer (the example in keras/src/optimizers/base_optimizer.py) and what its own SGD uses.
         buffer = self.momentum_buffers[self._get_variable_index(variable)]
         self.assign(buffer, contract.SGD_MOMENTUM * buffer + gradient)
         self.assign_sub(variable, learning_rate * buffer)
 
 
-class KerasTrainer(contract.Trainer):
+class ReportProgress(keras.callbacks.Callback):
+    """fit's progress to the contract's meter, step by step. async_safe: Keras then calls it beside its loop, which
+    reads no loss to the host for it."""
+
+    async_safe = True
+
+    def __init__(self, meter: contract.ProgressMeter):
+        super().__init__()
+        self.meter = meter
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.meter.step(batch + 1)
+
+
+class Keras3Trainer(contract.Trainer):
     # Keras' distribution API runs on the JAX backend only (its PyTorch and TensorFlow backends have none).
     data_parallel = "keras.distribution.DataParallel" if keras.backend.backend() == "jax" else None
 
@@ -241,26 +251,31 @@ class KerasTrainer(contract.Trainer):
             environment |= {"devices": [device] * len(self.devices), "threads_per_replica": threads}
         return environment
 
-    def warm_up(self):
-        """The contract's warm-up, and a short `fit` and `evaluate`: Keras builds their functions on first use."""
-        super().warm_up()
-        self.fit_batches(self.epoch_batches(0)[:2], [])
-        self.evaluate()
-        self.import_weights(self.weights)
+    def memory_peak_bytes(self):
+        return None  # Keras has no backend-neutral allocator report
+
+    def trainable_parameters(self):
+        return sum(math.prod(variable.shape) for variable in self.model.trainable_weights)
 
     # --- Train step --------------------------------------------------------------------------------------------------
-    def device_train_step(self, images, labels):
+    def train_step(self, images, labels):
         """One step of Keras' compiled train function, the one `fit` runs; its loss comes back as a float."""
         with keras.device(self.device):
             return float(self.model.train_on_batch(images, labels, return_dict=True)["loss"])
 
-    def train_step(self, images, labels):
+    def train_on_batch(self, images, labels):
         with keras.device(self.device):
             images, labels = ops.convert_to_tensor(contract.nhwc(images)), ops.convert_to_tensor(labels)
-        return self.device_train_step(images, labels)
+        return self.train_step(images, labels)
+
+    def learning_rates(self, steps):
+        with keras.device(self.device):
+            return ops.convert_to_numpy(self.schedule_fn(ops.convert_to_tensor(steps)))
 
     # --- Epoch -------------------------------------------------------------------------------------------------------
-    def fit_batches(self, batches: np.ndarray, consumed: list) -> keras.callbacks.History:
+    def train_batches(self, batches):
+        start, consumed = time.perf_counter(), []
+
         def device_batches():  # gathered on the device from the resident data, in the contract's order
             for indices in batches:
                 labels = ops.take(self.train_labels, indices, axis=0)
@@ -268,25 +283,14 @@ class KerasTrainer(contract.Trainer):
                 yield ops.take(self.train_images, indices, axis=0), labels
 
         with keras.device(self.device):
-            return self.model.fit(device_batches(), epochs=1, steps_per_epoch=len(batches), shuffle=False, verbose=0)
-
-    def train_epoch(self, epoch):
-        start = time.perf_counter()
-        batches = self.epoch_batches(epoch)
-        consumed = []
-        history = self.fit_batches(batches, consumed)
+            history = self.model.fit(device_batches(), epochs=1, steps_per_epoch=len(batches), shuffle=False,
+                                     verbose=0, callbacks=[ReportProgress(self.progress_meter(batches))])
         mean_loss = history.history["loss"][0]  # fit's epoch mean of the step losses: read from the device at its end
         seconds = time.perf_counter() - start
         digest = contract.label_digest(np.concatenate([ops.convert_to_numpy(labels) for labels in consumed]))
         return contract.EpochResult(float(mean_loss), batches.size, seconds, digest)
 
     # --- Evaluation --------------------------------------------------------------------------------------------------
-    def device_eval_step(self, images, labels):
-        """Summed loss and correct count of one batch, from Keras' compiled test function (batch means)."""
-        with keras.device(self.device):
-            mean_loss, accuracy = self.model.test_on_batch(images, labels)
-        return mean_loss * len(labels), round(accuracy * len(labels))
-
     def evaluate(self):
         def test_batches():
             for start in range(0, len(self.data.test_labels), contract.EVAL_BATCH_SIZE):
@@ -301,13 +305,6 @@ class KerasTrainer(contract.Trainer):
     def logits(self, images, train):
         with keras.device(self.device):
             return ops.convert_to_numpy(self.model(ops.convert_to_tensor(contract.nhwc(images)), training=train))
-
-    def learning_rates(self, steps):
-        with keras.device(self.device):
-            return ops.convert_to_numpy(self.schedule_fn(ops.convert_to_tensor(steps)))
-
-    def memory_peak_bytes(self):
-        return None  # Keras has no backend-neutral allocator report
 
     # --- Canonical weights -------------------------------------------------------------------------------------------
     # Canonical names are PyTorch module paths, which the Keras model's attributes follow ("layer2.0.downsample.1").
@@ -341,6 +338,8 @@ def keras_variable(model: ResNet18, name: str):
     layer = model
     for part in path.split("."):
         layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
-    if isinstance(layer, BatchNorm2d):
+    if isinstance(layer, keras.Sequential):  # conv(): explicit padding, then the convolution
+        layer = layer.layers[-1]
+    if isinstance(layer, layers.BatchNormalization):
         return getattr(layer, KERAS_BATCHNORM[field])
     return layer.kernel if field == "weight" else layer.bias

@@ -44,6 +44,7 @@ class ResNet18Module(pl.LightningModule):
         self.schedule = schedule
         self.losses: list[torch.Tensor] = []  # the current epoch's record, on the device: one loss per step
         self.fed_labels: list[torch.Tensor] = []  # and the labels that training_step received
+        self.progress: contract.ProgressMeter | None = None  # the current fit's, set by the trainer
 
     def forward(self, images):
         return self.model(images)
@@ -74,6 +75,10 @@ class ResNet18Module(pl.LightningModule):
         self.losses.append(loss.detach())
         self.fed_labels.append(labels)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.progress is not None:
+            self.progress.step(batch_idx + 1, wait=self.losses[-1].item)
 
     def test_step(self, batch, batch_idx):
         images, labels = batch
@@ -137,6 +142,9 @@ class LightningTrainer(contract.Trainer):
     def memory_peak_bytes(self):
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
 
+    def trainable_parameters(self):
+        return sum(parameter.numel() for parameter in self.module.parameters() if parameter.requires_grad)
+
     def new_trainer(self) -> pl.Trainer:
         # Lightning's strategy selects the GPU by its index; torch.device("cuda") stands for the current one.
         device = torch.device("cuda", torch.cuda.current_device()) if self.device.type == "cuda" else self.device
@@ -159,16 +167,16 @@ class LightningTrainer(contract.Trainer):
         self.trainer.fit_loop.max_epochs = self.trainer.current_epoch + 1
         self.trainer.fit(self.module, train_dataloaders=loader)
 
-    def device_train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # A one-batch fit: the step runs the very path that train_epoch runs (Lightning's optimization loop, precision
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # A one-batch fit: the step runs the very path that train_batches runs (Lightning's optimization loop, precision
         # plugin and scheduler stepping), so the parity tests check what the benchmark times.
         self.fit_one_more_epoch(DataLoader([(images, labels)], batch_size=None))
         return self.module.losses[0]
 
-    def train_step(self, images, labels):
+    def train_on_batch(self, images, labels):
         shard = contract.replica_shard(len(labels), self.rank, self.replicas)
         images = torch.from_numpy(images[shard]).to(self.device).contiguous(memory_format=torch.channels_last)
-        loss = self.device_train_step(images, torch.from_numpy(labels[shard]).to(self.device).long())
+        loss = self.train_step(images, torch.from_numpy(labels[shard]).to(self.device).long())
         return mean_over_replicas(loss).item()
 
     def learning_rates(self, steps):
@@ -177,12 +185,13 @@ class LightningTrainer(contract.Trainer):
         return np.array([rate(int(step)) for step in steps], dtype=np.float32)
 
     # --- Epoch -------------------------------------------------------------------------------------------------------
-    def train_epoch(self, epoch):
-        # The harness's epoch picks the batches; Lightning's current_epoch also counts train_step's one-batch fits.
+    def train_batches(self, batches):
+        # The harness picks the batches; Lightning's current_epoch also counts train_step's one-batch fits.
         start = time.perf_counter()
-        batches = self.epoch_batches(epoch)
         shards = torch.from_numpy(batches[:, contract.replica_shard(batches.shape[1], self.rank, self.replicas)])
+        self.module.progress = self.progress_meter(batches)
         self.fit_one_more_epoch(device_batches(self.train_images, self.train_labels, shards.to(self.device)))
+        self.module.progress = None
         mean_loss = mean_over_replicas(torch.stack(self.module.losses)).mean().item()  # .item(): the time is real
         seconds = time.perf_counter() - start
         fed = batches_of_all_replicas(torch.stack(self.module.fed_labels))

@@ -201,6 +201,9 @@ class TorchTrainer(contract.Trainer):
     def memory_peak_bytes(self):
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
 
+    def trainable_parameters(self):
+        return sum(parameter.numel() for parameter in self.model.parameters() if parameter.requires_grad)
+
     def autocast(self):
         if self.config.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -212,7 +215,7 @@ class TorchTrainer(contract.Trainer):
             group["lr"] = float(self.schedule[step])
         return self.optimizer.param_groups[0]["lr"]
 
-    def device_train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One SGD step on this replica's shard of the batch; DDP averages the gradients over the replicas."""
         self.set_learning_rate(self.step)
         with self.autocast():
@@ -223,26 +226,25 @@ class TorchTrainer(contract.Trainer):
         self.step += 1
         return loss.detach()  # stays on the device: no sync per step
 
-    def train_step(self, images, labels):
+    def train_on_batch(self, images, labels):
         self.model.train()
         shard = contract.replica_shard(len(labels), self.rank, self.replicas)
         images = torch.from_numpy(images[shard]).to(self.device).contiguous(memory_format=torch.channels_last)
-        loss = self.device_train_step(images, torch.from_numpy(labels[shard]).to(self.device).long())
+        loss = self.train_step(images, torch.from_numpy(labels[shard]).to(self.device).long())
         return mean_over_replicas(loss).item()
 
     def learning_rates(self, steps):
         return np.array([self.set_learning_rate(int(step)) for step in steps], dtype=np.float32)
 
     # --- Epoch -------------------------------------------------------------------------------------------------------
-    def train_epoch(self, epoch):
+    def train_batches(self, batches):
         start = time.perf_counter()
         self.model.train()
-        batches = self.epoch_batches(epoch)
         shards = torch.from_numpy(batches[:, contract.replica_shard(batches.shape[1], self.rank, self.replicas)])
         losses, consumed, progress = [], [], self.progress_meter(batches)
         for step, indices in enumerate(shards.to(self.device), start=1):
             labels = self.train_labels[indices]
-            losses.append(self.device_train_step(self.train_images[indices], labels))
+            losses.append(self.train_step(self.train_images[indices], labels))
             consumed.append(labels)
             progress.step(step, wait=losses[-1].item)
         mean_loss = mean_over_replicas(torch.stack(losses)).mean().item()  # .item() waits: the time is real
@@ -251,7 +253,7 @@ class TorchTrainer(contract.Trainer):
         return contract.EpochResult(mean_loss, batches.size, seconds, contract.label_digest(consumed.cpu().numpy()))
 
     # --- Evaluation --------------------------------------------------------------------------------------------------
-    def device_eval_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def eval_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast():
             logits = self.network(images).float()
         return F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(1) == labels).sum()
@@ -265,7 +267,7 @@ class TorchTrainer(contract.Trainer):
         loss_sum = correct = 0
         for start in range(0, len(labels), contract.EVAL_BATCH_SIZE):
             batch = slice(start, start + contract.EVAL_BATCH_SIZE)
-            batch_loss, batch_correct = self.device_eval_step(images[batch], labels[batch])
+            batch_loss, batch_correct = self.eval_step(images[batch], labels[batch])
             loss_sum, correct = loss_sum + batch_loss, correct + batch_correct  # device scalars: no sync per batch
         totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)])  # counts up to 10,000 are exact in float32
         if self.replicas > 1:
