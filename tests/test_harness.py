@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -202,6 +203,22 @@ def test_cli_run_prints_a_summary_and_keeps_the_record(tmp_path, mnist_dir):
     assert record["epochs"] == 1 and RECORD_FIELDS <= set(record)
     again = run_python(*args)  # the record is never overwritten
     assert again.returncode == 2 and f"--output {out} exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_a_compiled_run_compiles_in_its_warm_up_not_in_a_timed_epoch(tmp_path, mnist_dir):
+    """--compile (torch.compile): the warm-up runs the epochs' own path on their first batches (the same layouts,
+    strides, dtypes and shapes) and one evaluation, so no timed epoch compiles again: torch logs no recompilation after
+    the warm-up, and the first epoch takes no longer than the others, within a busy machine's noise."""
+    out = tmp_path / "run.json"
+    result = subprocess.run(  # one stream, in the order it was written: the worker's log and the run's lines
+        [sys.executable, "-m", "bench", "run", "pytorch", "--compile", "--epochs", "2", "--train-subset", "1024",
+         "--test-subset", "1000", "--min-accuracy", "0", "--mnist-dir", mnist_dir, "--output", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        env={**os.environ, "TORCH_LOGS": "recompiles", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"})
+    assert result.returncode == 0, result.stdout
+    assert "warm-up " in result.stdout and "Recompiling" not in result.stdout.split("warm-up ", 1)[1], result.stdout
+    first, *later = json.loads(out.read_text())["epoch_seconds"]
+    assert first <= 2 * max(later), f"epoch 1 took {first:.2f} s, the later one {later}: it compiled"
 
 
 def test_an_output_file_that_appeared_during_the_run_is_left_as_it_was_and_the_record_kept_elsewhere(tmp_path):
