@@ -11,10 +11,9 @@ import pytest
 
 from bench.data import MNIST, load_mnist
 from bench.worker import FrameworkWorker, UnsupportedRun
-from commands import run_python
+from commands import REPO, run_python
 from implementations import contract
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "mnist"  # the copy that CI and developers have beside the checkout
 
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from bench.data import FILES, MNIST, MNISTError, default_cache_dir, fetch, load_mnist
+from commands import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TRAIN_CLASS_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_CLASS_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 

@@ -21,7 +21,8 @@ import pytest
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import Version
 
-REPO = Path(__file__).resolve().parents[1]
+from commands import REPO
+
 PYPROJECT = REPO / "pyproject.toml"
 DOCKERFILE = REPO / "Dockerfile"
 REQUIREMENTS = REPO / "docker" / "requirements-gpu.txt"

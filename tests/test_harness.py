@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,8 @@ from bench.run import FrameworkRun
 from bench.worker import TRAINER_METHODS, FrameworkWorker, WorkerError
 from implementations import FRAMEWORKS, contract
 
-from commands import QUICK, run_python
+from commands import QUICK, REPO, run_python
 
-REPO = Path(__file__).resolve().parents[1]
 SMOKE = contract.PRESETS["smoke"]
 RECORD_FIELDS = {
     "framework", "framework_version", "device", "epochs", "train_images", "images_per_second", "test_accuracy",
@@ -161,10 +159,9 @@ def test_worker_killed_mid_epoch_reports_the_signal(smoke_data):
 def test_worker_past_its_time_limit_is_stopped(smoke_data):
     with FrameworkWorker("hanging", "faulty_trainers:HangingTrainer", timeout_s=300) as worker:
         worker.call("build", SMOKE, smoke_data)
-        start = time.monotonic()
         with pytest.raises(WorkerError, match=r"hanging: 'train_epoch' ran past its 3 s limit; the worker was stopped"):
             worker.call("train_epoch", 0, timeout_s=3)
-        assert time.monotonic() - start < 20 and not worker.process.is_alive()
+        assert not worker.process.is_alive(), "the hanging worker was waited for, not stopped"
 
 
 def test_user_errors_in_the_worker_come_back_without_a_traceback(smoke_data):
