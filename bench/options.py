@@ -17,11 +17,16 @@ TIMEOUT_RANGE_S = (1.0, 7 * 24 * 3600.0)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # a framework's name: a pytest id, a file name, a table cell
 
 
-def worker_timeout(text: str) -> float:
+def seconds(text: str) -> float:
+    """A number of seconds as typed; NaN for text that is none, which every range refuses."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        value = math.nan
+        return math.nan
+
+
+def worker_timeout(text: str) -> float:
+    value = seconds(text)
     low, high = TIMEOUT_RANGE_S
     if not low <= value <= high:  # NaN fails too
         raise argparse.ArgumentTypeError(f"seconds from {low:.0f} to {high:.0f} (a week), got {text!r}")
@@ -44,10 +49,7 @@ PROGRESS_RANGE_S = (0.1, 3600.0)
 
 
 def progress_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = seconds(text)
     low, high = PROGRESS_RANGE_S
     if not (value == 0 or low <= value <= high):
         raise argparse.ArgumentTypeError(f"0 (no progress within an epoch) or seconds from {low} to {high:.0f}, "

@@ -63,6 +63,12 @@ def data_parallel_shardings(devices: list[jax.Device]) -> tuple[NamedSharding, N
     return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
 
 
+def placement(config: contract.RunConfig) -> tuple[list[jax.Device], jax.Device, NamedSharding, NamedSharding]:
+    """A page's devices (one per replica), the one this process drives, and the two shardings of data parallel."""
+    devices = select_devices(config)
+    return devices, own_device(devices), *data_parallel_shardings(devices)
+
+
 def devices_environment(devices: list[jax.Device]) -> dict:
     names = [device.device_kind if device.platform == "gpu" else "CPU" for device in devices]
     if len(devices) == 1:
@@ -70,3 +76,15 @@ def devices_environment(devices: list[jax.Device]) -> dict:
     # XLA:CPU's host devices (or each process of a job) use a thread pool of every core; a GPU replica is its GPU.
     threads = len(os.sched_getaffinity(0)) if devices[0].platform == "cpu" else None
     return {"device": names[0], "devices": names, "threads_per_replica": threads}
+
+
+def device_data(data: contract.Data, placement: NamedSharding) -> tuple[jax.Array, ...]:
+    """The whole dataset on the device(s), NHWC (transposed once here): an epoch only indexes it."""
+    put = lambda array: jax.device_put(array, placement)
+    return (put(contract.nhwc(data.train_images)), put(data.train_labels), put(contract.nhwc(data.test_images)),
+            put(data.test_labels))
+
+
+def allocator_peak_bytes(device: jax.Device) -> int | None:
+    stats = device.memory_stats()  # None on CPU
+    return stats.get("peak_bytes_in_use") if stats else None

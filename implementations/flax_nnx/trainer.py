@@ -30,8 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from implementations import contract
-from implementations.jax_devices import (data_parallel_shardings, devices_environment, own_device,
-                                          select_devices)
+from implementations.jax_devices import allocator_peak_bytes, device_data, devices_environment, placement
 
 
 # --- Model -----------------------------------------------------------------------------------------------------------
@@ -127,9 +126,7 @@ class FlaxTrainer(contract.Trainer):
     data_parallel = "jax.sharding: nnx.jit over a device mesh"
 
     def build(self, weights):
-        self.devices = select_devices(self.config)
-        self.device = own_device(self.devices)
-        self.replicated, self.batch_sharding = data_parallel_shardings(self.devices)
+        self.devices, self.device, self.replicated, self.batch_sharding = placement(self.config)
         dtype = jnp.bfloat16 if self.config.precision == "bf16" else jnp.float32
         table = jnp.asarray(self.schedule)
         self.learning_rate = lambda count: table[count]  # optax's schedule: called with its step count, from 0
@@ -138,12 +135,8 @@ class FlaxTrainer(contract.Trainer):
         self.sgd = make_optimizer(self.learning_rate)
         with jax.default_device(self.device):
             self.model = ResNet18(dtype, nnx.Rngs(0))  # Flax's own initialization, overwritten by import_weights
-        # The whole dataset lives on the device, NHWC (transposed once here); an epoch only indexes it.
-        to_device = lambda array: jax.device_put(array, self.replicated)
-        self.train_images = to_device(contract.nhwc(self.data.train_images))
-        self.train_labels = to_device(self.data.train_labels)
-        self.test_images = to_device(contract.nhwc(self.data.test_images))
-        self.test_labels = to_device(self.data.test_labels)
+        self.train_images, self.train_labels, self.test_images, self.test_labels = device_data(self.data,
+                                                                                              self.replicated)
         self.import_weights(weights)
 
     def environment(self):
@@ -151,8 +144,7 @@ class FlaxTrainer(contract.Trainer):
                 **devices_environment(self.devices)}
 
     def memory_peak_bytes(self):
-        stats = self.device.memory_stats()  # None on CPU
-        return stats.get("peak_bytes_in_use") if stats else None
+        return allocator_peak_bytes(self.device)
 
     def trainable_parameters(self):
         return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(self.model, nnx.Param)))

@@ -24,8 +24,7 @@ import numpy as np
 import optax
 
 from implementations import contract
-from implementations.jax_devices import (data_parallel_shardings, devices_environment, own_device,
-                                          select_devices)
+from implementations.jax_devices import allocator_peak_bytes, device_data, devices_environment, placement
 
 
 # --- Model -----------------------------------------------------------------------------------------------------------
@@ -116,9 +115,7 @@ class HaikuTrainer(contract.Trainer):
     data_parallel = "jax.sharding: jit over a device mesh"
 
     def build(self, weights):
-        self.devices = select_devices(self.config)
-        self.device = own_device(self.devices)
-        self.replicated, self.batch_sharding = data_parallel_shardings(self.devices)
+        self.devices, self.device, self.replicated, self.batch_sharding = placement(self.config)
         dtype = jnp.bfloat16 if self.config.precision == "bf16" else jnp.float32
         table = jnp.asarray(self.schedule)
         self.learning_rate = lambda count: table[count]  # optax's schedule: called with its step count, from 0
@@ -133,12 +130,8 @@ class HaikuTrainer(contract.Trainer):
                                      out_shardings=self.replicated)
         self.jitted_eval_step = jit(partial(self.eval_step, dtype))
         self.jitted_forward = jit(partial(forward, dtype=dtype), static_argnums=3)
-        # The whole dataset lives on the device, NHWC (transposed once here); an epoch only indexes it.
-        to_device = lambda array: jax.device_put(array, self.replicated)
-        self.train_images = to_device(contract.nhwc(self.data.train_images))
-        self.train_labels = to_device(self.data.train_labels)
-        self.test_images = to_device(contract.nhwc(self.data.test_images))
-        self.test_labels = to_device(self.data.test_labels)
+        self.train_images, self.train_labels, self.test_images, self.test_labels = device_data(self.data,
+                                                                                              self.replicated)
         self.import_weights(weights)
 
     def environment(self):
@@ -146,8 +139,7 @@ class HaikuTrainer(contract.Trainer):
                 **devices_environment(self.devices)}
 
     def memory_peak_bytes(self):
-        stats = self.device.memory_stats()  # None on CPU
-        return stats.get("peak_bytes_in_use") if stats else None
+        return allocator_peak_bytes(self.device)
 
     def trainable_parameters(self):
         return sum(leaf.size for leaf in jax.tree.leaves(self.train_state.params))
