@@ -2,27 +2,35 @@
 
 `FrameworkRun.record()` makes a `RunRecord`; `pytest bench` stores it as the benchmark's extra_info (pytest-benchmark
 JSON, `--benchmark-json` or the autosaved history), `python -m bench run --output` as a file of its own. The report
-and the gate read run files through `load_run_file`, which refuses values that cannot be true (NaN, an accuracy
-outside [0, 1], a negative time, a field of the wrong type) with one line naming the file, the framework and the field.
+and the gate read run files through `load_run_file`, and the history (bench/history.py) too, all through `load_runs`
+for files and folders; it refuses values that cannot be true (NaN, an accuracy outside [0, 1], a negative time, a
+per-epoch list that does not hold one value per epoch, a field of the wrong type) with one line naming the file, the
+framework and the field.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
+from bench.text import printable
 from implementations import contract
 
 SCHEMA_VERSION = 2  # 1: the first harness's extra_info (no "schema" key): read as version 2 with the new fields unset
 # Top-level keys `pytest bench` adds to pytest-benchmark's JSON.
 SELECTED_FRAMEWORKS = "mnist_bench_selected_frameworks"  # what the session set out to run (--frameworks, else all)
 INTERRUPTED = "mnist_bench_interrupted"  # present and true in the file an interrupted session keeps
+REFERENCE_MATMUL_RATE = 1e12  # FLOP/s: normalized epoch times are seconds on a machine whose matmul runs this fast
+NORMALIZED_TIME_UNIT = "s at a 1 TFLOP/s matmul"
 
 
 @dataclass(frozen=True)
@@ -86,9 +94,22 @@ class RunRecord:
         return statistics.median(self.epoch_seconds) if self.epoch_seconds else None
 
     @property
+    def normalized_epoch_time(self) -> float | None:
+        """The median epoch in units of the machine's speed: its seconds x the session's matmul rate, shown as the
+        seconds a machine whose matmul runs at 1 TFLOP/s would take. A uniformly slower machine of the same kind leaves
+        it unchanged; the gate, the report's history and bench.history compare epoch times in these units."""
+        return self.normalized(self.median_epoch_seconds)
+
+    def normalized(self, seconds: float | None) -> float | None:
+        """Seconds of this run in units of its machine's speed (see normalized_epoch_time); None without a yardstick."""
+        if seconds is None or self.matmul is None:
+            return None
+        return seconds * self.matmul.flops_per_second / REFERENCE_MATMUL_RATE
+
+    @property
     def options(self) -> dict:
         """The run's options; one that an older record lacks (the option came later) at its default, what it ran with."""
-        return {} if self.config is None else {**contract.RunConfig().as_dict(), **self.config}
+        return {} if self.config is None else {**default_options(), **self.config}
 
     @property
     def replicas(self) -> int:
@@ -170,7 +191,32 @@ class RunRecord:
         if values.get("schema", SCHEMA_VERSION) > SCHEMA_VERSION:
             raise BenchError(f"{where} ({framework}): record schema {values['schema']} is newer than this harness's "
                              f"{SCHEMA_VERSION}: update the harness to read it")
+        check_epoch_counts(values, data.get("epochs"), f"{where} ({framework})")
         return cls(**values)
+
+
+PER_EPOCH = ("worker_epoch_seconds", "epoch_train_loss", "epoch_test_accuracy", "epoch_label_digests")
+
+
+def check_epoch_counts(values: dict, stored_epochs, where: str) -> None:
+    """Every per-epoch list, the configured epochs and the stored count agree with the epochs timed (epoch_seconds):
+    a record that disagrees was cut or edited, and its medians and time to target would mean nothing."""
+    timed = len(values.get("epoch_seconds", []))
+    if not timed:
+        return
+    for name in PER_EPOCH:
+        if values.get(name) and len(values[name]) != timed:
+            raise BenchError(f"{where}: {name} holds {len(values[name])} values for {timed} timed epochs "
+                             "(epoch_seconds): a record cut short or edited; rerun the benchmark")
+    for name, count_of_epochs in (("epochs", stored_epochs), ("config's epochs", values.get("config", {}).get("epochs"))):
+        if count_of_epochs is not None and count_of_epochs != timed:
+            raise BenchError(f"{where}: {name} is {short(count_of_epochs)}, but epoch_seconds holds {timed} timed "
+                             "epochs: a record cut short or edited; rerun the benchmark")
+
+
+@functools.cache
+def default_options() -> dict:
+    return contract.RunConfig().as_dict()
 
 
 # --- Validation: every stored field, what it may hold -------------------------------------------------------------------
@@ -198,8 +244,17 @@ def text(value) -> bool:
     return isinstance(value, str)
 
 
+def epoch_time(value) -> bool:
+    """A real epoch: no implementation trains an epoch in under a microsecond (a denormal would make images/s
+    infinite), and none takes longer than 10^7 s (four months)."""
+    return finite(value) and 1e-6 <= value <= 1e7
+
+
 def list_of(check, what: str):
     return lambda value: isinstance(value, list) and all(map(check, value)), f"a list of {what}"
+
+
+MAX_FLOPS_PER_SECOND = 1e18  # an exaFLOP/s: no single device the yardstick times comes near it
 
 
 FIELD_RULES = {  # field -> (check, what a valid value is)
@@ -212,8 +267,8 @@ FIELD_RULES = {  # field -> (check, what a valid value is)
     "config": (lambda value: isinstance(value, dict) and count(value.get("replicas", 1)) and value.get("replicas", 1) > 0,
                "an object (the run configuration, with a positive number of replicas)"),
     "train_images": (count, "a non-negative integer"),
-    "epoch_seconds": list_of(positive, "positive finite seconds"),
-    "worker_epoch_seconds": list_of(positive, "positive finite seconds"),
+    "epoch_seconds": list_of(epoch_time, "positive finite seconds (each from 1 µs to 1e7 s)"),
+    "worker_epoch_seconds": list_of(epoch_time, "positive finite seconds (each from 1 µs to 1e7 s)"),
     "epoch_train_loss": list_of(non_negative, "non-negative finite losses"),
     "epoch_test_accuracy": list_of(fraction, "fractions in [0, 1]"),
     "epoch_label_digests": list_of(text, "strings"),
@@ -227,9 +282,10 @@ FIELD_RULES = {  # field -> (check, what a valid value is)
     "peak_rss_bytes": (count, "a non-negative integer of bytes"),
     "training_flops_per_image": (positive, "a positive finite number"),
     "matmul": (lambda value: isinstance(value, dict) and {spec.name for spec in fields(MatmulRate)} <= set(value)
-               and positive(value["flops_per_second"]) and positive(value["median_flops_per_second"])
-               and (value["nominal_peak_flops"] is None or positive(value["nominal_peak_flops"])),
-               "a matmul yardstick with positive finite rates"),
+               and all(positive(rate) and rate <= MAX_FLOPS_PER_SECOND for rate in (
+                   value["flops_per_second"], value["median_flops_per_second"],
+                   value["nominal_peak_flops"] or 1.0)),  # no nominal peak: nothing to check
+               f"a matmul yardstick with positive rates of at most {MAX_FLOPS_PER_SECOND:.0e} FLOP/s"),
     "notes": list_of(text, "strings"),
     "schema": (count, "a schema version"),
 }
@@ -258,87 +314,145 @@ class RunFile:
     """One pytest-benchmark JSON file of `pytest bench`: its records, in the order the frameworks ran."""
 
     path: Path
-    label: str  # short and unique within a report: "0003_f50e434" for an autosaved run, else the file's stem
-    date: str
-    commit: str
+    label: str  # short, printable and unique within a report: "0003_f50e434" for an autosaved run, else the file's stem
+    date: str  # when the session started, "YYYY-MM-DD HH:MM"
+    commit: str  # the short commit id, "(dirty)" after it for a tree with uncommitted changes
     machine: str
     records: list[RunRecord] = field(default_factory=list)
     selected: list[str] | None = None  # the frameworks the session set out to run; None: unknown (every one)
     notes: list[str] = field(default_factory=list)
+    started: datetime | None = None  # when the session started
+    commit_id: str | None = None  # in full, as pytest-benchmark stores it; None outside a git checkout
+    commit_time: datetime | None = None  # when that commit was made: the order of a history
+    dirty: bool = False
+    timing_only: list[str] = field(default_factory=list)  # frameworks whose entry has no record, only its timing
+
+    @property
+    def shown_path(self) -> str:
+        return printable(self.path)
 
     def device(self, record: RunRecord) -> str:
         """Where a record ran: its device on this machine; figures are only ever compared between equal devices."""
-        return f"{record.device or 'unknown device'} · {self.machine}"
+        return printable(f"{record.device or 'unknown device'} · {self.machine}")
 
     def by_framework(self) -> dict[str, RunRecord]:
         found = {}
         for record in self.records:
             if record.framework in found:
-                raise BenchError(f"{self.path}: two entries for {record.framework}; compare runs with one entry "
-                                 "per framework")
+                raise BenchError(f"{self.shown_path}: two entries for {printable(record.framework)}; compare runs with "
+                                 "one entry per framework")
             found[record.framework] = record
         return found
 
 
 def read_json(path: Path) -> Any:
     """The JSON content of a file, or a one-line BenchError saying why it cannot be read."""
+    shown = printable(path)
     try:
         content = path.read_bytes()
     except FileNotFoundError:
-        raise BenchError(f"{path}: no such file (pytest-benchmark writes no JSON when no benchmark finished its timed "
+        what = "a dangling symbolic link" if path.is_symlink() else "no such file"
+        raise BenchError(f"{shown}: {what} (pytest-benchmark writes no JSON when no benchmark finished its timed "
                          "epochs)") from None
     except OSError as error:
-        raise BenchError(f"{path}: cannot be read ({error.strerror})") from None
+        raise BenchError(f"{shown}: cannot be read ({error.strerror})") from None
     if not content.strip():
-        raise BenchError(f"{path}: the file is empty (an interrupted run?); rerun the benchmark")
+        raise BenchError(f"{shown}: the file is empty (an interrupted run?); rerun the benchmark")
     try:
         return json.loads(content.decode("utf-8"))
     except UnicodeDecodeError:
-        raise BenchError(f"{path}: not a text file, so not pytest-benchmark JSON") from None
+        raise BenchError(f"{shown}: not a text file, so not pytest-benchmark JSON") from None
     except json.JSONDecodeError as error:
-        raise BenchError(f"{path}: invalid JSON ({error.msg} at line {error.lineno} column {error.colno}): truncated "
+        raise BenchError(f"{shown}: invalid JSON ({error.msg} at line {error.lineno} column {error.colno}): truncated "
                          "by an interrupted run, or not pytest-benchmark output") from None
     except RecursionError:
-        raise BenchError(f"{path}: JSON nested too deeply to be a benchmark run") from None
+        raise BenchError(f"{shown}: JSON nested too deeply to be a benchmark run") from None
     except ValueError as error:  # e.g. an integer with more digits than Python converts
-        raise BenchError(f"{path}: JSON the standard parser refuses ({error})") from None
+        raise BenchError(f"{shown}: JSON the standard parser refuses ({error})") from None
 
 
 def load_run_file(path: Path) -> RunFile:
     data = read_json(path)
+    shown = printable(path)
     if isinstance(data, dict) and "framework" in data and "benchmarks" not in data:
-        raise BenchError(f"{path}: a `python -m bench run --output` record, not pytest-benchmark JSON; the report "
+        raise BenchError(f"{shown}: a `python -m bench run --output` record, not pytest-benchmark JSON; the report "
                          "reads `pytest bench --benchmark-json=FILE` output and results/history")
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
-        raise BenchError(f"{path}: not pytest-benchmark JSON (no 'benchmarks' list); the report reads "
+        raise BenchError(f"{shown}: not pytest-benchmark JSON (no 'benchmarks' list); the report reads "
                          "`pytest bench --benchmark-json=FILE` output and results/history")
     if data.get(INTERRUPTED):
-        raise BenchError(f"{path}: an interrupted session's partial results; they are not compared or gated: "
+        raise BenchError(f"{shown}: an interrupted session's partial results; they are not compared or gated: "
                          "rerun the benchmark")
     commit = data.get("commit_info") if isinstance(data.get("commit_info"), dict) else {}
-    short_commit = str(commit.get("id") or "?")[:7]
+    commit_id = commit.get("id") if isinstance(commit.get("id"), str) and commit.get("id") else None
+    short_commit = printable(commit_id or "?")[:7]
     number = AUTOSAVED.match(path.name)
     selected = data.get(SELECTED_FRAMEWORKS)
-    run = RunFile(path=path, label=f"{number.group(1)}_{short_commit}" if number else path.stem,
-                  date=str(data.get("datetime") or "")[:16].replace("T", " "),
+    run = RunFile(path=path, label=f"{number.group(1)}_{short_commit}" if number else printable(path.stem),
+                  date=printable(data.get("datetime") or "")[:16].replace("T", " "),
                   commit=short_commit + (" (dirty)" if commit.get("dirty") else ""),
                   machine=machine_name(data.get("machine_info")),
-                  selected=selected if isinstance(selected, list) and all(map(text, selected)) else None)
+                  selected=selected if isinstance(selected, list) and all(map(text, selected)) else None,
+                  started=timestamp(data.get("datetime")), commit_id=commit_id, commit_time=timestamp(commit.get("time")),
+                  dirty=bool(commit.get("dirty")))
     for index, entry in enumerate(data["benchmarks"], start=1):
-        run.records.append(entry_record(entry, f"{path}: benchmark {index}", run.notes))
+        run.records.append(entry_record(entry, f"{shown}: benchmark {index}", run))
     if not run.records:
         run.notes.append("no benchmark entries: every framework failed before or during its timed epochs")
     return run
+
+
+def timestamp(value) -> datetime | None:
+    """An ISO 8601 time as pytest-benchmark stores it; one without a zone is taken as UTC, one unreadable as None."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def load_runs(inputs: list, warn: Callable[[str], None]) -> list[RunFile]:
+    """The runs of files and folders, in the order given; a folder's runs (its subfolders' too) in the order they ran.
+    A file given by name must be a run (else BenchError). In a folder, a file that is not one (another project's
+    JSON, an interrupted session's partial file, a `bench run --output` record, a dangling link, an unreadable or
+    empty file) is named to `warn` and skipped; a folder without a single run is a BenchError."""
+    runs = []
+    for given in inputs:
+        path = Path(given)
+        runs += sorted(folder_runs(path, warn), key=lambda run: (run.date, run.path.name)) if path.is_dir() \
+            else [load_run_file(path)]
+    seen = {}
+    for run in runs:  # labels name plot files and chart points: unique within a report
+        seen[run.label] = seen.get(run.label, 0) + 1
+        if seen[run.label] > 1:
+            run.label = f"{run.label}-{seen[run.label]}"
+    return runs
+
+
+def folder_runs(folder: Path, warn: Callable[[str], None]) -> list[RunFile]:
+    files = [path for path in sorted(folder.rglob("*.json")) if not path.is_dir()]  # a folder's files are in the walk
+    if not files:
+        raise BenchError(f"{printable(folder)}: no .json files in this folder")
+    runs = []
+    for path in files:
+        try:
+            runs.append(load_run_file(path))
+        except BenchError as error:
+            warn(f"skipped {error}")
+    if not runs:
+        raise BenchError(f"{printable(folder)}: none of its {len(files)} .json files is a benchmark run (each is named "
+                         "above)")
+    return runs
 
 
 def machine_name(machine_info) -> str:
     cpu = machine_info.get("cpu") if isinstance(machine_info, dict) else None
     if not isinstance(cpu, dict) or not cpu.get("brand_raw"):
         return "unknown machine"
-    return f"{cpu['brand_raw']}, {cpu.get('count', '?')} cores"
+    return printable(f"{cpu['brand_raw']}, {cpu.get('count', '?')} cores")
 
 
-def entry_record(entry, where: str, notes: list[str]) -> RunRecord:
+def entry_record(entry, where: str, run: RunFile) -> RunRecord:
     """The entry's record; an entry whose record() failed after the timed epochs keeps only its timing."""
     if not isinstance(entry, dict) or not isinstance(entry.get("stats"), dict):
         raise BenchError(f"{where} has no 'stats' object: not pytest-benchmark JSON")
@@ -347,7 +461,8 @@ def entry_record(entry, where: str, notes: list[str]) -> RunRecord:
         raise BenchError(f"{where}: 'extra_info' is {type(info).__name__}, not an object")
     if not info:
         name = str(entry.get("param") or entry.get("name") or where)
-        notes.append(f"{name}: no record in its extra_info (a failure after the timed epochs): named after its "
-                     "test, only its timing is known")
+        run.notes.append(f"{printable(name)}: no record in its extra_info (a failure after the timed epochs): named "
+                         "after its test, only its timing is known")
+        run.timing_only.append(name)
         info = {"framework": name, "epoch_seconds": stats.get("data")}
     return RunRecord.from_json(info, where)

@@ -7,6 +7,7 @@ builds its history tables from the same cell formats.
 from __future__ import annotations
 
 from bench.record import RunRecord
+from bench.text import markdown_cell
 
 COLUMNS = ("framework", "version", "device", "replicas", "epochs", "median epoch s", "images/s", "test accuracy",
            "time to target s", "peak memory", "model TFLOP/s", "of matmul", "harness overhead", "vs fastest")
@@ -45,8 +46,9 @@ def teraflops(value) -> str:
 
 
 def markdown_table(columns, rows) -> str:
+    """Every cell one cell on one line: a name holding "|", a newline or a terminal's escape is shown escaped."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(markdown_cell(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 

@@ -7,16 +7,21 @@ malformed inputs are written by hand.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
+import re
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from bench import report
-from bench.record import machine_name
+from bench.record import INTERRUPTED, load_runs, machine_name
+from commands import REPO, TESTS, run_python
 from runfiles import FRAMEWORK, entry, on_other_machine, renamed, variant, write
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -189,6 +194,22 @@ MALFORMED = {
     "infinite-time.json": (extra_info_json(epoch_seconds=[1.0, float("inf")]),
                            "(jax): epoch_seconds is [1.0, inf], not a list of positive finite seconds"),
     "zero-time.json": (extra_info_json(epoch_seconds=[0.0]), "(jax): epoch_seconds is [0.0], not a list of positive"),
+    "denormal-time.json": (extra_info_json(epoch_seconds=[5e-324, 5e-324], train_images=4096),  # inf images/s
+                           "(jax): epoch_seconds is [5e-324, 5e-324], not a list of positive finite seconds (each "
+                           "from 1 µs to 1e7 s)"),
+    "fewer-accuracies.json": (extra_info_json(epoch_seconds=[1.0, 1.0], epoch_test_accuracy=[0.9]),
+                              "(jax): epoch_test_accuracy holds 1 values for 2 timed epochs (epoch_seconds)"),
+    "more-losses.json": (extra_info_json(epoch_seconds=[1.0], epoch_train_loss=[0.5, 0.2]),
+                         "(jax): epoch_train_loss holds 2 values for 1 timed epochs (epoch_seconds)"),
+    "epochs-disagree.json": (extra_info_json(epoch_seconds=[1.0, 1.0], epochs=3),
+                             "(jax): epochs is 3, but epoch_seconds holds 2 timed epochs"),
+    "config-epochs-disagree.json": (extra_info_json(epoch_seconds=[1.0], config={"epochs": 2}),
+                                    "(jax): config's epochs is 2, but epoch_seconds holds 1 timed epochs"),
+    "absurd-matmul.json": (extra_info_json(matmul={"device": "cpu", "hardware": "x", "precision": "fp32", "dtype": "f",
+                                                   "size": 8, "flops_per_second": 1e300, "median_flops_per_second": 1,
+                                                   "products": 1, "threads": 1, "method": "m", "nominal_peak_flops": None,
+                                                   "nominal_peak_source": ""}),
+                           "not a matmul yardstick with positive rates of at most 1e+18 FLOP/s"),
     "null-in-times.json": (extra_info_json(epoch_seconds=[1, None]), "(jax): epoch_seconds is [1, None], not a list"),
     "negative-memory.json": (extra_info_json(peak_rss_bytes=-1), "(jax): peak_rss_bytes is -1, not a non-negative"),
     "device-list.json": (extra_info_json(device=["CPU"]), "(jax): device is ['CPU'], not a string"),
@@ -226,3 +247,163 @@ def test_a_run_without_benchmarks_is_reported(capsys, data, tmp_path):
     nothing["benchmarks"] = []
     code, out, _ = report_main(capsys, write(tmp_path / "nothing.json", nothing), "--plots", tmp_path / "plots")
     assert code == 0 and "note: no benchmark entries" in out
+
+
+# --- Names: a plot file per run, every name shown as it is -------------------------------------------------------------
+def listed_plots(out: str) -> list[str]:
+    return [line[2:] for line in out.splitlines() if line.startswith("- ")]
+
+
+def test_runs_whose_names_differ_only_in_punctuation_case_or_spaces_get_a_plot_each(capsys, data, tmp_path):
+    runs = [write(tmp_path / name, data) for name in ("run_1.json", "run-1.json", "Run 1.json")]
+    code, out, err = report_main(capsys, *runs, "--plots", tmp_path / "plots")
+    assert code == 0, err
+    listed = listed_plots(out)
+    assert len(listed) == len({name.casefold() for name in listed}) == 4, listed  # three runs and their history
+    assert sorted(path.name for path in (tmp_path / "plots").iterdir()) == sorted(Path(name).name for name in listed)
+
+
+def unescaped_bars(row: str) -> int:
+    return len(re.findall(r"(?<!\\)\|", row))
+
+
+def test_names_that_read_as_markup_are_shown_as_plain_text(capsys, data, tmp_path):
+    """matplotlib reads "$...$" as TeX and hides legend labels that start with "_"; Markdown splits a cell at "|" and a
+    row at a newline; a terminal obeys an escape sequence."""
+    odd = variant(data, framework="_my|frame\nwork $x^$ \x1b[31m")
+    code, out, err = report_main(capsys, write(tmp_path / "cost $x^$.json", odd), "--plots", tmp_path / "plots")
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if line.startswith("| framework"))
+    (row,) = [line for line in out.splitlines() if line.startswith("| _my")]
+    assert row.startswith("| _my\\|frame\\nwork $x^$ \\x1b[31m |") and unescaped_bars(row) == unescaped_bars(header)
+    assert "## cost $x^$:" in out and "\x1b" not in out
+    (plot,) = listed_plots(out)
+    assert_png(Path(plot))
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_with_its_bytes_escaped(data, tmp_path):
+    run = write(tmp_path / os.fsdecode(b"r\xffn.json"), data)
+    result = run_python("-m", "bench.report", str(run), "--plots", str(tmp_path / "plots"), timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "## r\\xffn:" in result.stdout
+    (plot,) = (tmp_path / "plots").iterdir()
+    assert_png(plot)
+
+
+# --- A folder with files that are not runs -----------------------------------------------------------------------------
+def test_a_folder_names_and_skips_what_is_not_a_run_and_reports_the_rest(capsys, data, tmp_path):
+    folder = tmp_path / "history"
+    write(folder / "good.json", data)
+    write(folder / "sub.json" / "inner.json", variant(data, test_accuracy=0.5))  # a folder named *.json: read inside
+    (folder / "dangling.json").symlink_to(tmp_path / "gone.json")
+    write(folder / "run.partial.json", {**data, INTERRUPTED: True})
+    write(folder / "record.json", entry(data)["extra_info"])  # what `python -m bench run --output` writes
+    (folder / "empty.json").write_bytes(b"")
+    code, out, err = report_main(capsys, folder, "--plots", tmp_path / "plots")
+    assert code == 0, err
+    warnings = err.splitlines()
+    assert all(line.startswith("warning: skipped ") for line in warnings) and len(warnings) == 4, err
+    for name, why in (("dangling.json", "a dangling symbolic link"), ("run.partial.json", "an interrupted session"),
+                      ("record.json", "a `python -m bench run --output` record"), ("empty.json", "the file is empty")):
+        assert any(f"{folder / name}: {why}" in line for line in warnings), (name, err)
+    assert f"| {FRAMEWORK} | good |" in out and f"| {FRAMEWORK} | inner |" in out
+
+
+def test_a_folder_without_a_single_run_is_bad_input(capsys, tmp_path):
+    folder = tmp_path / "history"
+    write(folder / "other.json", {"name": "another tool's output"})
+    code, out, err = report_main(capsys, folder, "--plots", tmp_path / "plots")
+    assert code == 2 and out == ""
+    assert err.splitlines()[-1] == f"error: {folder}: none of its 1 .json files is a benchmark run (each is named above)"
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """A folder no one may write in, root included: root ignores permission bits, not the immutable attribute."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(folder)], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+    else:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+
+
+def test_a_run_in_a_read_only_folder_gets_its_table_and_a_word_on_where_plots_could_go(data, tmp_path):
+    run = write(tmp_path / "mounted" / "run.json", data)
+    with read_only(run.parent):
+        result = run_python("-m", "bench.report", str(run), timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert f"| {FRAMEWORK} |" in result.stdout
+    assert result.stdout.strip().splitlines()[-1].startswith(f"no plots: {run.parent / 'run-plots'} cannot be written (")
+    assert "pass --plots DIR to draw them in another folder" in result.stdout
+    assert sorted(run.parent.iterdir()) == [run]
+
+
+def test_the_report_of_the_current_folder_puts_its_plots_beside_it(data, tmp_path):
+    folder = tmp_path / "results"
+    write(folder / "out.json", data)
+    result = run_python("-m", "bench.report", ".", cwd=folder, env={"PYTHONPATH": os.pathsep.join(map(str, (REPO, TESTS)))},
+                        timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in folder.iterdir()) == ["out.json"]  # no "-plots" folder
+    assert_png(tmp_path / "results-plots" / "out-epochs.png")
+
+
+# --- Plot files: every one tried before any is drawn --------------------------------------------------------------------
+def test_every_plot_file_is_tried_before_the_first_is_drawn(capsys, data, tmp_path):
+    runs = write(tmp_path / "a.json", data), write(tmp_path / "b.json", data)
+    plots = tmp_path / "plots"
+    (plots / "b-epochs.png").mkdir(parents=True)  # a folder stands where the second plot goes
+    code, out, err = report_main(capsys, *runs, "--plots", plots)
+    assert code == 2 and out == ""
+    assert err == f"error: --plots {plots}: {plots / 'b-epochs.png'} cannot be written (a folder stands where the " \
+                  "plot goes); choose another folder\n", err
+    assert [path.name for path in plots.iterdir()] == ["b-epochs.png"]  # nothing drawn, nothing left behind
+
+
+def test_a_run_name_too_long_for_a_plot_name_gets_a_shorter_one(capsys, data, tmp_path):
+    run = write(tmp_path / ("r" * 250 + ".json"), data)  # 255 bytes: the longest name the file system takes
+    code, out, err = report_main(capsys, run, "--plots", tmp_path / "plots")
+    assert code == 0, err
+    (plot,) = (tmp_path / "plots").iterdir()
+    assert len(plot.name) < 128 and plot.name.endswith("-epochs.png")
+    assert_png(plot)
+
+
+# --- What the plots show: 17 rows apart, no legend over data, no empty panel -------------------------------------------
+def rows(data: dict, count: int) -> dict:
+    many = copy.deepcopy(data)
+    many["benchmarks"] = [entry(variant(data, framework=f"row-{index:02d}")) for index in range(count)]
+    return many
+
+
+@pytest.mark.parametrize("count", [10, 17])
+def test_legends_cover_no_data_and_every_row_has_its_own_style(data, tmp_path, count):
+    runs = load_runs([write(tmp_path / "one.json", rows(data, count)), write(tmp_path / "two.json", rows(data, count))],
+                     print)
+    plots = report.planned_plots(runs, tmp_path)
+    assert [plot.path.name for plot in plots][-1].startswith("history-")
+    for plot in plots:
+        figure = report.drawn(plot)
+        figure.canvas.draw()
+        panels = [axes for axes in figure.axes if axes.has_data()]
+        legends = figure.legends + [axes.get_legend() for axes in figure.axes if axes.get_legend()]
+        (legend,) = legends
+        assert len(legend.get_texts()) >= count
+        for axes in panels:
+            assert not legend.get_window_extent().overlaps(axes.get_window_extent()), (plot.path.name, axes.get_title())
+        styles = {(tuple(line.get_color()), line.get_marker()) for line in panels[0].lines}
+        assert len(styles) == count
+
+
+def test_a_run_without_a_yardstick_gets_no_empty_utilization_panel(data, tmp_path):
+    old = copy.deepcopy(data)
+    del entry(old)["extra_info"]["matmul"]  # a run of the first harness
+    (plot,) = report.planned_plots(load_runs([write(tmp_path / "old.json", old)], print), tmp_path)
+    assert [axes.get_title() for axes in report.drawn(plot).axes] == ["Time per epoch", "Test accuracy after each epoch"]
