@@ -45,5 +45,6 @@ bench: setup
 
 test: setup
 	$(if $(shell command -v cabal),sh implementations/haskell/build.sh test)
+	sh tests/setup-chromium.sh
 	$(PYTHON) -m pytest tests
 	PATH="$(abspath $(VENV))/bin:$$PATH" sh bench/smoke-gate.sh $(ARGS)
