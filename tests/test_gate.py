@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from bench import gate
+from bench.generated_history import Planted, write_history
 from bench.record import SELECTED_FRAMEWORKS, RunRecord, load_run_file
 from bench.summary import mebibytes
-from commands import REPO, run_python
+from commands import QUICK, REPO, run_python
 from runfiles import FRAMEWORK, entry, on_other_machine, renamed, variant, write
 
 BASELINE = REPO / "results" / "baseline-smoke-cpu.json"
@@ -27,8 +32,8 @@ def data(real_run) -> dict:
     return json.loads(real_run.read_text())
 
 
-def run_gate(capsys, baseline: Path, new: Path, *options) -> tuple[int, str, str]:
-    code = gate.main([str(arg) for arg in ("--baseline", baseline, new, *options)])
+def run_gate(capsys, baseline: Path | None, new: Path, *options) -> tuple[int, str, str]:
+    code = gate.main([str(arg) for arg in (*(("--baseline", baseline) if baseline else ()), new, *options)])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -229,3 +234,124 @@ def test_gate_cli_exit_codes_for_ci(real_run, data, tmp_path):
             for name, new in {"same": real_run, "worse": worse, "missing": tmp_path / "missing.json"}.items()}
     assert [runs[name].returncode for name in ("same", "worse", "missing")] == [0, 1, 2]
     assert "Traceback" not in runs["missing"].stderr and "no such file" in runs["missing"].stderr
+
+
+# --- What cannot be compared is bad input, never a pass --------------------------------------------------------------
+def foreign_or_empty(data: dict, case: str) -> dict:
+    if case == "no entries":
+        return {"benchmarks": []}
+    if case == "another project's file":
+        return {"machine_info": data["machine_info"], "commit_info": data["commit_info"],
+                "benchmarks": [{"name": "test_parse", "fullname": "tests/test_speed.py::test_parse",
+                                "stats": {"median": 0.1, "data": [0.1, 0.1]}, "extra_info": {}}]}
+    crashed = copy.deepcopy(data)
+    entry(crashed)["extra_info"] = {}
+    return crashed
+
+
+@pytest.mark.parametrize("case, missing", [
+    ("no entries", "no benchmark entries, so nothing to compare with"),
+    ("another project's file", "no run record in the extra_info of test_parse (another project's pytest-benchmark "
+                               "file, or a run whose record failed)"),
+    ("entries without a record", f"no run record in the extra_info of {FRAMEWORK} ")])
+def test_a_baseline_without_records_of_this_project_is_bad_input(real_run, data, tmp_path, case, missing):
+    baseline = write(tmp_path / "baseline.json", foreign_or_empty(data, case))
+    result = run_python("-m", "bench.gate", "--baseline", str(baseline), str(real_run), timeout=60)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert result.stderr.startswith(f"error: {baseline}: {missing}") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_gate_that_compared_nothing_is_bad_input_not_a_pass(capsys, real_run, data, tmp_path):
+    """The baseline's only framework was not selected, the new run's only one is new: nothing is compared."""
+    baseline = write(tmp_path / "jax-baseline.json", variant(data, framework="jax"))
+    code, out, err = run_gate(capsys, baseline, real_run)
+    assert code == 2 and out == "" and "passed" not in err
+    assert err.startswith(f"error: {real_run}: nothing was compared (none of its frameworks is in {baseline} for this "
+                          "machine, and none of those was selected): not a pass"), err
+
+
+def test_a_new_run_that_selected_no_framework_is_bad_input(capsys, real_run, data, tmp_path):
+    nothing = {**data, "benchmarks": [], SELECTED_FRAMEWORKS: []}
+    new = write(tmp_path / "nothing-selected.json", nothing)
+    code, out, err = run_gate(capsys, real_run, new)
+    assert code == 2 and out == ""
+    assert err == f"error: {new}: the session selected no framework, so there is nothing to gate; run `pytest bench` " \
+                  "with at least one framework\n"
+
+
+def test_a_denormal_epoch_time_is_bad_input_not_a_faster_run(capsys, real_run, data, tmp_path):
+    absurd = write(tmp_path / "absurd.json", variant(data, epoch_seconds=[5e-324, 5e-324]))  # inf images/s
+    code, out, err = run_gate(capsys, real_run, absurd)
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {absurd}: benchmark 1 ({FRAMEWORK}): epoch_seconds is [5e-324, 5e-324], not a list "
+                          "of positive finite seconds"), err
+
+
+# --- Against a history of runs ------------------------------------------------------------------------------------------
+HISTORY_FRAMEWORKS = ["alpha", "beta", "gamma"]
+
+
+def history_and_new_run(real_run: Path, tmp_path: Path, planted=()) -> tuple[Path, Path]:
+    """Ten commits of the real record, the changes planted from commit 10 on; the run of commit 10 is the new run."""
+    folder = tmp_path / "history"
+    write_history(real_run, folder, 11, frameworks=HISTORY_FRAMEWORKS, planted=list(planted), seed=1)
+    newest = sorted(folder.rglob("*.json"))[-1]
+    return folder, newest.rename(tmp_path / "new.json")
+
+
+@pytest.mark.parametrize("machine", ["the same", "uniformly 1.3x slower"])
+def test_a_run_inside_the_noise_of_its_history_passes(capsys, real_run, tmp_path, machine):
+    slower = [Planted(10, None, time=1.3, matmul=1 / 1.3)] if machine != "the same" else []
+    folder, new = history_and_new_run(real_run, tmp_path, slower)
+    code, out, _ = run_gate(capsys, None, new, "--history", folder)
+    assert code == 0, out
+    checks = out.splitlines()[:-1]
+    assert len(checks) == 3 * 3 and all(line.startswith("ok ") and " against the history: " in line for line in checks)
+    assert out.splitlines()[-1] == f"gate: passed, {new} is within tolerance of the history {folder}"
+
+
+def test_a_framework_half_as_slow_again_fails_against_its_history(capsys, real_run, tmp_path):
+    folder, new = history_and_new_run(real_run, tmp_path, [Planted(10, "beta", time=1.5)])
+    code, out, _ = run_gate(capsys, None, new, "--history", folder)
+    assert code == 1
+    (line,) = regressions(out)
+    assert line.startswith("REGRESSION beta epoch time against the history: new ") and "of the last 10 runs" in line
+    assert re.search(r"\(\+[45]\d\.\d%, p = ", line), line
+
+
+def test_frameworks_without_a_history_on_this_machine_are_gated_against_the_baseline(capsys, real_run, tmp_path):
+    folder = tmp_path / "history"
+    write_history(real_run, folder, 4)
+    for path in folder.rglob("*.json"):  # the history was recorded elsewhere
+        write(path, on_other_machine(json.loads(path.read_text())))
+    code, out, _ = run_gate(capsys, real_run, real_run, "--history", folder)
+    assert code == 0 and "against the history" not in out
+    assert f"ok {FRAMEWORK} test accuracy: baseline" in out
+    code, out, err = run_gate(capsys, None, real_run, "--history", folder)
+    assert code == 2 and "nothing was compared" in err
+
+
+def quick(data: dict) -> dict:
+    """The real record as a run of QUICK's configuration would hold it: one epoch of 256 images."""
+    info = entry(data)["extra_info"]
+    per_epoch = {key: info[key][:1] for key in ("epoch_seconds", "worker_epoch_seconds", "epoch_train_loss",
+                                                 "epoch_test_accuracy", "epoch_label_digests")}
+    return variant(data, config={**info["config"], "epochs": 1, "train_subset": 256, "min_accuracy": 0.0}, epochs=1,
+                   **per_epoch)
+
+
+def test_the_smoke_gate_uses_the_committed_history_where_it_holds_runs_of_this_machine(data, mnist_dir, tmp_path):
+    """bench/smoke-gate.sh, as `make test` runs it (a QUICK run of the PyTorch page), with a history of this machine
+    and configuration: each framework is gated against the history, whatever the verdict of its noise."""
+    folder = tmp_path / "history"
+    write_history(write(tmp_path / "quick.json", quick(data)), folder, 4)
+    environment = {"SMOKE_JSON": str(tmp_path / "smoke.json"), "HISTORY": str(folder),
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["sh", "bench/smoke-gate.sh", *QUICK[2:], "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
+         f"--frameworks={FRAMEWORK}", "--framework-module", f"{FRAMEWORK}=implementations.pytorch.trainer:TorchTrainer"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **environment})
+    checks = [re.sub(r"^(ok|REGRESSION) ", "", line).split(" against ")[0] for line in result.stdout.splitlines()
+              if line.startswith(("ok ", "REGRESSION "))]
+    assert checks == [f"{FRAMEWORK} epoch time", f"{FRAMEWORK} accuracy", f"{FRAMEWORK} resident memory"], result.stdout
+    assert result.returncode in (0, 1) and "Traceback" not in result.stderr, result.stderr  # the verdict is the noise's
