@@ -148,9 +148,10 @@ def benchmark(args: argparse.Namespace) -> int:
             outputs += ["--html", str(Path(scratch) / "history.html")]
         seconds, peak, status = measure([sys.executable, "-m", "bench.history", str(folder), *outputs])
         changes = json.loads((Path(scratch) / "changes.json").read_text())["changes"]
+        page = f" (a page of {(Path(scratch) / 'history.html').stat().st_size / 1e6:,.0f} MB)" if args.html else ""
     within = seconds <= 10 and peak <= 500e6
     print(f"python -m bench.history over {args.runs:,} runs x {args.frameworks} frameworks ({size / 1e6:,.0f} MB of "
-          f"JSON){' with --html' if args.html else ''}: {seconds:.1f} s, peak resident memory {peak / 1e6:,.0f} MB "
+          f"JSON){' with --html' + page if args.html else ''}: {seconds:.1f} s, peak resident memory {peak / 1e6:,.0f} MB "
           f"({'within' if within else 'OVER'} the budget of 10 s and 500 MB); exit status {status}, "
           f"{len(changes)} changes found (3 planted)")
     return 0 if within else 1

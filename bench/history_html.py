@@ -19,12 +19,12 @@ import html
 import statistics
 from collections.abc import Callable
 
-import plotly.graph_objects as go
+import plotly.io
 import plotly.offline
 from matplotlib.colors import to_hex
 from plotly.subplots import make_subplots
 
-from bench.history import METRICS, Change, Metric, Series, Thresholds, shown_effect
+from bench.history import METRICS, Change, Metric, Series, Thresholds, before_and_after, shown_effect
 from bench.record import RunRecord
 from bench.report import framework_styles
 from bench.text import printable
@@ -51,7 +51,27 @@ PANELS: list[tuple[str, list[Metric] | Callable[[RunRecord], float | None], str]
 ]
 
 
-def commit_points(series: Series, value: Callable[[RunRecord], float | None]) -> list[tuple]:
+class Hovers:
+    """The hover lines of commits and runs, written once each: a history of 1,000 runs draws every run in five panels."""
+
+    def __init__(self):
+        self.commits: dict[int, str] = {}
+        self.runs: dict[int, str] = {}
+
+    def commit(self, commit) -> str:
+        if id(commit) not in self.commits:
+            when = commit.time.strftime("%Y-%m-%d %H:%M") if commit.time else "no commit time"
+            self.commits[id(commit)] = (f"commit {plain(commit.id or commit.label)}{' (dirty)' if commit.dirty else ''}"
+                                        f"<br>committed {when}")
+        return self.commits[id(commit)]
+
+    def run(self, run) -> str:
+        if id(run) not in self.runs:
+            self.runs[id(run)] = plain(run.label)
+        return self.runs[id(run)]
+
+
+def commit_points(series: Series, value: Callable[[RunRecord], float | None], hovers: Hovers) -> list[tuple]:
     """(commit label, median, hover text) per commit with a value."""
     by_commit: dict[int, tuple] = {}
     for commit, run, record in series.points:
@@ -60,26 +80,24 @@ def commit_points(series: Series, value: Callable[[RunRecord], float | None]) ->
             by_commit.setdefault(id(commit), (commit, []))[1].append((figure, run, record))
     points = []
     for commit, runs in by_commit.values():
-        values = [figure for figure, _, _ in runs]
-        when = commit.time.strftime("%Y-%m-%d %H:%M") if commit.time else "no commit time"
+        median = statistics.median(figure for figure, _, _ in runs)
         losses = [record.test_loss for _, _, record in runs if record.test_loss is not None]
-        hover = "<br>".join([f"commit {plain(commit.id or commit.label)}{' (dirty)' if commit.dirty else ''}",
-                             f"committed {when}", f"median {statistics.median(values):,.4g} of {len(values)} run(s)",
-                             *(f"{figure:,.4g}: {plain(run.label)}" for figure, run, _ in runs[:8]),
+        hover = "<br>".join([hovers.commit(commit), f"median {median:,.4g} of {len(runs)} run(s)",
+                             *(f"{figure:,.4g}: {hovers.run(run)}" for figure, run, _ in runs[:8]),
                              *([f"test loss {statistics.median(losses):.4f}"] if losses else [])])
-        points.append((commit.label, statistics.median(values), hover))
+        points.append((commit.label, median, hover))
     return points
 
 
-def machine_figure(machine: str, series_list: list[Series], changes: list[Change], colors: dict[str, str],
-                   several_configurations: bool) -> go.Figure:
+def machine_figure(series_list: list[Series], changes: list[Change], colors: dict[str, str],
+                   several_configurations: bool) -> dict:
+    """One machine's chart as plotly's figure dictionary: the layout made by make_subplots, the traces added as plain
+    data, since plotly's validation of each trace costs seconds on a history of 1,000 runs (the page is written with
+    validate=False)."""
     figure = make_subplots(rows=len(PANELS), cols=1, shared_xaxes=True, vertical_spacing=0.05,
                            subplot_titles=[title for title, _, _ in PANELS])
-    order = []  # the machine's commits, in the order they were made
-    for series in series_list:
-        for commit, _, _ in series.points:
-            if commit.label not in order:
-                order.append(commit.label)
+    order = list(dict.fromkeys(commit.label for series in series_list for commit, _, _ in series.points))
+    hovers, traces = Hovers(), []
     for series in series_list:
         name = plain(series.framework + (f" ({series.configuration})" if several_configurations else ""))
         shown_in_legend = True
@@ -87,21 +105,23 @@ def machine_figure(machine: str, series_list: list[Series], changes: list[Change
             lines = [(metric.value, MEMORY_STYLES.get(metric.name, "solid"), metric.short) for metric in plotted] \
                 if isinstance(plotted, list) else [(plotted, "solid", "")]
             for value, dash, what in lines:
-                points = commit_points(series, value)
+                points = commit_points(series, value, hovers)
                 if not points:
                     continue
-                labels, values, hovers = zip(*points)
-                figure.add_trace(go.Scatter(
-                    x=labels, y=values, customdata=hovers, mode="lines+markers", name=name, legendgroup=name,
-                    showlegend=shown_in_legend, line=dict(color=colors[series.framework], dash=dash),
+                labels, values, hover = zip(*points)
+                axis = "" if row == 1 else str(row)  # make_subplots names row r's axes x<r> and y<r>
+                traces.append(dict(
+                    type="scatter", x=labels, y=values, customdata=hover, mode="lines+markers", name=name,
+                    legendgroup=name, showlegend=shown_in_legend, line=dict(color=colors[series.framework], dash=dash),
                     hovertemplate=f"<b>{name}</b> {what}<br>%{{y:,.4g}} {html.escape(unit)}<br>%{{customdata}}"
-                                  "<extra></extra>"), row=row, col=1)
+                                  "<extra></extra>", xaxis=f"x{axis}", yaxis=f"y{axis}"))
                 shown_in_legend = False
     rows = {metric.name: row for row, (_, plotted, _) in enumerate(PANELS, start=1) if isinstance(plotted, list)
             for metric in plotted}
+    position = {label: index for index, label in enumerate(order)}
     for change in changes:
-        figure.add_vline(x=order.index(change.first.label), row=rows[change.metric.name], col=1, line_dash="dot",
-                         line_color=colors[change.series.framework],
+        figure.add_vline(x=position[change.first.label], row=rows[change.metric.name], col=1, line_dash="dot",
+                         line_color=colors[change.series.framework], exclude_empty_subplots=False,
                          annotation_text=plain(f"{change.series.framework} {shown_effect(change.metric, change.effect)}"
                                                f" at {change.first.label}"),
                          annotation_position="top left", annotation_font_color=colors[change.series.framework])
@@ -110,11 +130,17 @@ def machine_figure(machine: str, series_list: list[Series], changes: list[Change
         figure.update_yaxes(title_text=html.escape(unit), row=row, col=1)
     figure.update_layout(height=260 * len(PANELS) + 120, margin=dict(t=40, b=80), hovermode="closest",
                          legend=dict(title_text="framework"), template="plotly_white")
-    return figure
+    return {**figure.to_dict(), "data": traces}
 
 
-CHANGE_COLUMNS = ("machine", "framework", "metric", "direction", "effect", "before", "after", "last good commit",
-                  "first commit", "committed", "runs before / after", "p (threshold)")
+CHANGE_COLUMNS = ("machine", "framework", "metric", "change", "before → after", "last good → first commit",
+                  "committed", "runs before / after", "p (threshold)")
+
+
+def commit_cell(commit) -> str:
+    """The commit's id, cut to 12 characters; the whole id on hover (and in --json)."""
+    return f'<code title="{plain(commit.id or commit.label)}">{plain((commit.id or commit.label)[:12])}' \
+           f'{" (dirty)" if commit.dirty else ""}</code>'
 
 
 def changes_table(changes: list[Change]) -> str:
@@ -122,16 +148,17 @@ def changes_table(changes: list[Change]) -> str:
         return "<p>No changes found.</p>"
     rows = []
     for change in changes:
-        data = change.to_json()
-        cells = (change.series.machine, change.series.framework, change.metric.name, change.direction,
-                 shown_effect(change.metric, change.effect), f"{data['before']:,.4g} {change.metric.unit}",
-                 f"{data['after']:,.4g} {change.metric.unit}", data["last_good_commit"] or change.last_good.label,
-                 (data["first_commit"] or change.first.label) + (" (dirty)" if change.first.dirty else ""),
-                 data["first_commit_time"] or "–", f"{data['runs_before']} / {data['runs_after']}",
-                 f"{data['p_value']:.1e} ({data['p_threshold']:.1e})")
-        rows.append("<tr>" + "".join(f"<td>{plain(cell)}</td>" for cell in cells) + "</tr>")
+        cells = [plain(text) for text in (
+            change.series.machine, change.series.framework, change.metric.short,
+            f"{shown_effect(change.metric, change.effect)} {change.direction}", before_and_after(change))]
+        cells.append(f"{commit_cell(change.last_good)} → {commit_cell(change.first)}")
+        cells += [plain(text) for text in (
+            change.first.time.strftime("%Y-%m-%d %H:%M") if change.first.time else "–",
+            f"{len(change.before)} / {len(change.after)}", f"{change.p_value:.1e} ({change.p_threshold:.1e})")]
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
     header = "".join(f"<th>{column}</th>" for column in CHANGE_COLUMNS)
-    return f'<table id="changes"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return (f'<table id="changes"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            f"<p>Epoch times: {plain(METRICS[0].unit)}.</p>")
 
 
 STYLE = """
@@ -153,10 +180,10 @@ def page(series_list: list[Series], changes: list[Change], thresholds: Threshold
     sections = []
     for index, (machine, in_machine) in enumerate(machines.items(), start=1):
         several = len({series.configuration for series in in_machine}) > 1
-        figure = machine_figure(machine, in_machine, [change for change in changes if change.series.machine == machine],
-                                colors, several)
-        chart = figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"chart-{index}",
-                               config={"displaylogo": False, "responsive": True})
+        figure = machine_figure(in_machine, [change for change in changes if change.series.machine == machine], colors,
+                                several)
+        chart = plotly.io.to_html(figure, full_html=False, include_plotlyjs=False, div_id=f"chart-{index}",
+                                  config={"displaylogo": False, "responsive": True}, validate=False)
         configurations = "; ".join(sorted({plain(series.configuration) for series in in_machine}))
         sections.append(f"<h2>{plain(machine)}</h2><p>Run configuration: {configurations}.</p>{chart}")
     runs = {id(run) for series in series_list for _, run, _ in series.points}

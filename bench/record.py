@@ -185,9 +185,9 @@ class RunRecord:
         if not isinstance(framework, str) or not framework:
             raise BenchError(f"{where}: 'framework' is {framework!r}, not a name")
         values = {}
-        for spec in fields(cls):
-            if spec.name in data and data[spec.name] is not None:
-                values[spec.name] = checked(spec.name, data[spec.name], f"{where} ({framework})")
+        for name in STORED_FIELDS:
+            if data.get(name) is not None:
+                values[name] = checked(name, data[name], f"{where} ({framework})")
         if values.get("schema", SCHEMA_VERSION) > SCHEMA_VERSION:
             raise BenchError(f"{where} ({framework}): record schema {values['schema']} is newer than this harness's "
                              f"{SCHEMA_VERSION}: update the harness to read it")
@@ -212,6 +212,10 @@ def check_epoch_counts(values: dict, stored_epochs, where: str) -> None:
         if count_of_epochs is not None and count_of_epochs != timed:
             raise BenchError(f"{where}: {name} is {short(count_of_epochs)}, but epoch_seconds holds {timed} timed "
                              "epochs: a record cut short or edited; rerun the benchmark")
+
+
+STORED_FIELDS = tuple(spec.name for spec in fields(RunRecord))
+MATMUL_FIELDS = frozenset(spec.name for spec in fields(MatmulRate))
 
 
 @functools.cache
@@ -281,7 +285,7 @@ FIELD_RULES = {  # field -> (check, what a valid value is)
     "allocator_peak_bytes": (count, "a non-negative integer of bytes"),
     "peak_rss_bytes": (count, "a non-negative integer of bytes"),
     "training_flops_per_image": (positive, "a positive finite number"),
-    "matmul": (lambda value: isinstance(value, dict) and {spec.name for spec in fields(MatmulRate)} <= set(value)
+    "matmul": (lambda value: isinstance(value, dict) and MATMUL_FIELDS <= value.keys()
                and all(positive(rate) and rate <= MAX_FLOPS_PER_SECOND for rate in (
                    value["flops_per_second"], value["median_flops_per_second"],
                    value["nominal_peak_flops"] or 1.0)),  # no nominal peak: nothing to check
@@ -296,7 +300,7 @@ def checked(name: str, value, where: str):
     if not check(value):
         raise BenchError(f"{where}: {name} is {short(value)}, not {what}")
     if name == "matmul":
-        return MatmulRate(**{spec.name: value[spec.name] for spec in fields(MatmulRate)})
+        return MatmulRate(**{name: value[name] for name in MATMUL_FIELDS})
     return value
 
 
