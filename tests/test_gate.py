@@ -355,3 +355,38 @@ def test_the_smoke_gate_uses_the_committed_history_where_it_holds_runs_of_this_m
               if line.startswith(("ok ", "REGRESSION "))]
     assert checks == [f"{FRAMEWORK} epoch time", f"{FRAMEWORK} accuracy", f"{FRAMEWORK} resident memory"], result.stdout
     assert result.returncode in (0, 1) and "Traceback" not in result.stderr, result.stderr  # the verdict is the noise's
+
+
+# --- The docs say what the committed baseline holds ----------------------------------------------------------------------
+DOCS = [REPO / "README.md", *sorted(REPO.glob("*/README.md")), *sorted(REPO.glob(".github/workflows/*.yml"))]
+CPU = re.compile(r"(\d+)-core (AMD EPYC|Intel Xeon|Intel Core|AMD Ryzen|Apple M\d|Graviton\d?)")
+COMMIT = re.compile(r"\bcommit ([0-9a-f]{7,40})\b")
+
+
+def statements(text: str) -> list[str]:
+    """Paragraphs, and each row of a table on its own."""
+    found = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        lines = paragraph.splitlines()
+        found += lines if lines and all(line.lstrip().startswith("|") for line in lines) else [paragraph]
+    return found
+
+
+def test_the_docs_describe_the_machine_and_commit_of_the_committed_baseline():
+    data = json.loads(BASELINE.read_text())
+    brand, cores, commit = data["machine_info"]["cpu"]["brand_raw"], data["machine_info"]["cpu"]["count"], \
+        data["commit_info"]["id"]
+    checked = []
+    for doc in DOCS:
+        for statement in statements(doc.read_text()):
+            if BASELINE.name not in statement:
+                continue
+            for count, name in CPU.findall(" ".join(statement.split())):
+                assert all(word in brand for word in name.split()) and int(count) == cores, \
+                    f"{doc.relative_to(REPO)} says {BASELINE.name} ran on a {count}-core {name}; its machine_info " \
+                    f"says {brand!r}, {cores} cores: {statement!r}"
+                checked.append(doc)
+            for mentioned in COMMIT.findall(statement):
+                assert commit.startswith(mentioned), f"{doc.relative_to(REPO)}: commit {mentioned}, not {commit}"
+    described = {REPO / "README.md", REPO / "results" / "README.md", REPO / ".github" / "workflows" / "benchmark.yml"}
+    assert described <= set(checked), f"no machine named for {BASELINE.name} in {described - set(checked)}"
