@@ -133,7 +133,7 @@ def baseline_checks(framework: str, baseline: RunFile, before: RunRecord, new: R
         raise BenchError(f"{printable(framework)} ran on {new.device(after)}, its baseline on "
                          f"{baseline.device(before)}: times and memory are not comparable; record a baseline on this "
                          "machine, or pass --allow-device-change to check accuracy only")
-    lines = config_notes(framework, before, after)
+    lines = config_notes(framework, before, after) + model_notes(framework, before, after)
     lines.append(accuracy_check(framework, before, after, tolerances.accuracy_drop))
     if same_device:
         lines.append(time_check(framework, before, after, tolerances.time_increase, absolute_time))
@@ -152,7 +152,7 @@ def comparable_metrics(recent: list[RunRecord], after: RunRecord) -> list:
 
 def history_checks(framework: str, recent: list[RunRecord], after: RunRecord, comparisons: int,
                    thresholds: Thresholds) -> list[Line]:
-    lines = []
+    lines = model_notes(framework, recent[-1], after)
     for metric in comparable_metrics(recent, after):
         values = [metric.value(record) for record in recent if metric.value(record) is not None]
         comparison = compare_with_history(metric, values, metric.value(after), comparisons, thresholds)
@@ -186,6 +186,15 @@ def config_notes(framework: str, before: RunRecord, after: RunRecord) -> list[Li
     if not changes:
         return []
     return [Line(NOTE, f"{framework}: run configuration differs from the baseline ({', '.join(changes)})")]
+
+
+def model_notes(framework: str, before: RunRecord, after: RunRecord) -> list[Line]:
+    """Another count of trainable parameters is another model: its times and memory say nothing about this one's."""
+    old, new = before.trainable_parameters, after.trainable_parameters
+    if old is None or new is None or old == new:
+        return []
+    return [Line(NOTE, f"{framework}: {new:,} trainable parameters, {old:,} in the reference: another model; record a "
+                       "new baseline once it is the intended one")]
 
 
 def accuracy_check(framework: str, before: RunRecord, after: RunRecord, allowed_drop: float) -> Line:

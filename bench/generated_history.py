@@ -116,6 +116,8 @@ def generated_entry(template: dict, framework: str, matmul: float, rng: random.R
         accuracy_points += plant.accuracy
     for key in ("epoch_seconds", "worker_epoch_seconds"):
         info[key] = [seconds * time_factor for seconds in info[key]]
+    if info.get("warmup_s") is not None:  # a slower machine or step warms up slower too
+        info["warmup_s"] *= time_factor
     entry["stats"]["data"] = [seconds * time_factor for seconds in entry["stats"]["data"]]
     for key in ("gpu_memory_peak_bytes", "allocator_peak_bytes", "peak_rss_bytes"):
         if info.get(key) is not None:

@@ -1,11 +1,11 @@
 """The HTML report of a history (`python -m bench.history --html FILE`): one self-contained file that works offline.
 
-Per machine and device, one chart of four panels against the commits, in the order they were made: the median epoch
-time in units of the machine's speed, the test accuracy, the peak memory (resident, GPU, the framework's allocator)
-and the model FLOP/s as a share of the matmul yardstick, then the final training loss; one line per framework (its
-colour the same as in the report's PNGs), a point per commit (the median of its runs; the hover shows the commit, its
-date, every run's value and file), and each detected change marked at its first commit. A table of the changes ends
-the page.
+Per machine and device, one chart of six panels against the commits, in the order they were made: the median epoch
+time in units of the machine's speed, the test accuracy, the peak memory (resident, GPU, the framework's allocator),
+the model FLOP/s as a share of the matmul yardstick, the warm-up (compilation, tracing) in the epoch time's units and
+the last epoch's training loss; one line per framework (its colour the same as in the report's PNGs), a point per
+commit (the median of its runs; the hover shows the commit, its date, every run's value and file, and the test loss),
+and each detected change marked at its first commit. A table of the changes ends the page.
 
 Plotly, with its JavaScript library written into the page once (`get_plotlyjs()`): nothing is fetched from a CDN, the
 file works from disk and as a CI artifact. Chosen over bokeh's INLINE resources because plotly's hover templates show
@@ -46,13 +46,15 @@ PANELS: list[tuple[str, list[Metric] | Callable[[RunRecord], float | None], str]
      [metric for metric in METRICS if metric.name in MEMORY_STYLES], "MiB"),
     ("Model FLOP/s, % of the matmul yardstick",
      lambda record: None if record.matmul_utilization is None else 100 * record.matmul_utilization, "%"),
+    ("Warm-up (compilation, tracing), in units of the machine's speed",
+     lambda record: record.normalized(record.warmup_s), METRICS[0].unit),
     ("Mean training loss of the last epoch",
      lambda record: record.epoch_train_loss[-1] if record.epoch_train_loss else None, ""),
 ]
 
 
 class Hovers:
-    """The hover lines of commits and runs, written once each: a history of 1,000 runs draws every run in five panels."""
+    """The hover lines of commits and runs, written once each: a history of 1,000 runs draws every run in six panels."""
 
     def __init__(self):
         self.commits: dict[int, str] = {}

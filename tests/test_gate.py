@@ -144,6 +144,13 @@ def test_an_option_that_a_baseline_predates_counts_at_its_default(capsys, real_r
     assert f"note: {FRAMEWORK}: run configuration differs from the baseline (seed 0 → 1)" in out, out
 
 
+def test_a_model_with_another_parameter_count_is_noted(capsys, real_run, data, tmp_path):
+    other = write(tmp_path / "other-model.json", variant(data, trainable_parameters=11_175_380))
+    code, out, _ = run_gate(capsys, real_run, other)
+    assert code == 0 and (f"note: {FRAMEWORK}: 11,175,380 trainable parameters, 11,175,370 in the reference: another "
+                          "model") in out, out
+
+
 def test_gate_matches_by_framework_not_by_test_name(capsys, real_run, data, tmp_path):
     code, out, _ = run_gate(capsys, real_run, write(tmp_path / "renamed.json", renamed(data)))
     assert code == 1 and f"REGRESSION {FRAMEWORK} test accuracy" in out and "(-2.00 points; allowed -1.00)" in out

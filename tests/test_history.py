@@ -190,7 +190,7 @@ def test_the_html_report_renders_every_chart_offline_with_no_console_message(bro
     rendering = render(page, tmp_path / "screenshot.png")
     assert rendering.console == [], rendering.console
     assert sorted(rendering.charts) == ["chart-1", "chart-2"] and rendering.undrawn() == [], rendering.charts
-    assert rendering.charts["chart-1"]["traces"] == (len(FRAMEWORKS) + 1) * 5  # five panels, a line per framework
+    assert rendering.charts["chart-1"]["traces"] == (len(FRAMEWORKS) + 1) * 6  # six panels, a line per framework
     assert "&lt;b&gt;bold&lt;/b&gt; &amp; $x$" in rendering.dom  # the name shown as it is, not as bold text
     assert rendering.dom.count("<tr>") == 1 + 3  # the changes table: its header and the three planted changes
     with Image.open(tmp_path / "screenshot.png") as screenshot:
