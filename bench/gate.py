@@ -183,9 +183,13 @@ def config_notes(framework: str, before: RunRecord, after: RunRecord) -> list[Li
     old, new = before.options, after.options
     changes = [f"{key} {old.get(key)} → {new.get(key)}" for key in sorted(old.keys() | new.keys())
                if old.get(key) != new.get(key)]
-    if not changes:
-        return []
-    return [Line(NOTE, f"{framework}: run configuration differs from the baseline ({', '.join(changes)})")]
+    if changes:
+        return [Line(NOTE, f"{framework}: run configuration differs from the baseline ({', '.join(changes)})")]
+    if before.epoch_label_digests and after.epoch_label_digests[:1] != before.epoch_label_digests[:1]:
+        # The same options, other batches: the contract's data order (or the data) changed between the two runs.
+        return [Line(NOTE, f"{framework}: the first epoch trained on other batches than in the reference (label "
+                           f"digest {after.epoch_label_digests[:1]} against {before.epoch_label_digests[:1]})")]
+    return []
 
 
 def model_notes(framework: str, before: RunRecord, after: RunRecord) -> list[Line]:

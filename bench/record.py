@@ -53,7 +53,13 @@ class MatmulRate:
 
     @property
     def description(self) -> str:
-        return f"{self.hardware}, {self.dtype} {self.size}x{self.size}: {self.method}"
+        """Every field but the rate itself, in one line: what the report prints beside it."""
+        threads = "" if self.threads is None else f", {self.threads} BLAS threads"
+        nominal = "" if self.nominal_peak_flops is None else \
+            f"; nominal peak {self.nominal_peak_flops / 1e12:,.1f} TFLOP/s ({self.nominal_peak_source})"
+        return (f"{self.hardware} ({self.device}{threads}), {self.dtype} {self.size}x{self.size} for --precision "
+                f"{self.precision}: the fastest of {self.products} products, median "
+                f"{self.median_flops_per_second / 1e9:,.0f} GFLOP/s; {self.method}{nominal}")
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,11 @@ def report_text(runs: list[RunFile]) -> str:
         rates = {record.matmul.description: record.matmul.flops_per_second for record in run.records if record.matmul}
         parts += [f"matmul yardstick: {rate / 1e9:,.0f} GFLOP/s ({what})" for what, rate in rates.items()]
         parts += [f"note: {note}" for note in run.notes]
+        by_note = {}  # one line per note, naming the frameworks it concerns
+        for record in run.records:
+            for note in record.notes:
+                by_note.setdefault(note, []).append(printable(record.framework))
+        parts += [f"note ({', '.join(frameworks)}): {note}" for note, frameworks in by_note.items()]
     series = histories(runs)
     if len(runs) > 1 and len(series) > 1:
         parts.append(f"warning: these runs come from {len(series)} different devices ({'; '.join(series)}): each "

@@ -113,7 +113,7 @@ def cpu_matmul_rate(precision: str, size: int | None) -> MatmulRate:
     return MatmulRate(
         device="cpu", hardware=cpu_model(), precision=precision, dtype=dtype, **rates(n, seconds),
         threads=blas[0]["num_threads"] if blas else None,
-        method=f"numpy {np.__version__} matmul, {library or 'BLAS not identified'}: fastest of {len(seconds)} products",
+        method=f"numpy {np.__version__} matmul, {library or 'BLAS not identified'}",
         nominal_peak_flops=None, nominal_peak_source="none for CPUs: their peak depends on clocks under load")
 
 
@@ -157,8 +157,7 @@ def cuda_matmul_rate(precision: str, allow_tf32: bool, size: int | None) -> Matm
     peak, source = nominal_peak(name, kind)
     return MatmulRate(
         device="cuda", hardware=name, precision=precision, dtype=described, **rates(n, seconds), threads=None,
-        method=f"torch {torch.__version__} matmul (CUDA {torch.version.cuda}), synchronized: "
-               f"fastest of {len(seconds)} products",
+        method=f"torch {torch.__version__} matmul (CUDA {torch.version.cuda}), synchronized",
         nominal_peak_flops=peak, nominal_peak_source=source)
 
 

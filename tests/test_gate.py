@@ -165,6 +165,12 @@ def test_gate_fails_a_framework_missing_from_the_new_run_and_notes_a_new_one(cap
     assert "note: jax: new, not in the baseline (record a new baseline to gate it)" in out
 
 
+def test_gate_notes_a_run_of_the_same_options_that_trained_on_other_batches(capsys, real_run, data, tmp_path):
+    reordered = variant(data, epoch_label_digests=["0" * 16, "1" * 16])
+    code, out, _ = run_gate(capsys, real_run, write(tmp_path / "reordered.json", reordered))
+    assert code == 0 and f"note: {FRAMEWORK}: the first epoch trained on other batches than in the reference" in out
+
+
 def test_gate_notes_a_baseline_framework_the_new_run_did_not_select(capsys, real_run, data, tmp_path):
     assert data[SELECTED_FRAMEWORKS] == ["raising", "selfkill", FRAMEWORK]  # recorded by the real session
     baseline = copy.deepcopy(data)

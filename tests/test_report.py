@@ -73,7 +73,13 @@ def test_table_shows_every_column_of_a_real_run(capsys, real_run, data, tmp_path
     assert cells[10] == f"{info['achieved_flops_per_second'] / 1e12:.3f}"
     assert cells[11] == f"{info['matmul_utilization']:.0%}" and cells[12] == f"{info['harness_overhead']:.1%}"
     assert machine_name(data["machine_info"]) in out.splitlines()[0]  # the run's heading names the machine
-    assert "matmul yardstick:" in out
+    matmul = info["matmul"]
+    assert (f"matmul yardstick: {matmul['flops_per_second'] / 1e9:,.0f} GFLOP/s ({matmul['hardware']} (cpu, "
+            f"{matmul['threads']} BLAS threads), float32 {matmul['size']}x{matmul['size']} for --precision fp32: the "
+            f"fastest of {matmul['products']} products, median {matmul['median_flops_per_second'] / 1e9:,.0f} "
+            "GFLOP/s; numpy ") in out, out
+    for note in info["notes"]:  # each record's notes, once per note, naming its frameworks
+        assert f"note ({FRAMEWORK}): {note}" in out
 
 
 def test_a_data_parallel_run_is_shown_with_its_scaling_against_one_replica(capsys, data, tmp_path):
