@@ -1,8 +1,8 @@
 """Where the burn trainer's CPU time goes, by function: perf's sampling profile of real training steps on MNIST, driven
 through the same page as the benchmark and recorded only while the steps run (not the build, the warm-up or Python's
-start-up).
+start-up). A harness command, not part of the page: pages do not depend on the harness.
 
-    .venv/bin/python -m implementations.rust_burn.profile [STEPS] [MNIST_DIR]   # needs perf (Debian: linux-perf)
+    .venv/bin/python -m bench.profile_burn [STEPS] [MNIST_DIR]   # needs perf (Debian: linux-perf)
 """
 
 from __future__ import annotations
