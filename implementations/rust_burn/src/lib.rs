@@ -1,53 +1,87 @@
 //! ResNet18 on MNIST in burn: the PyTorch page's model and recipe with burn's modules, autodiff and SGD, in Rust.
 //!
-//! A Python extension (PyO3): `implementations/rust_burn/trainer.py` hands it the contract's data, learning-rate table,
-//! epoch batches and canonical weights; everything that trains runs here. burn 0.22 dispatches one tensor type to the
-//! backend of its device: Flex on CPU, CUDA (CubeCL) behind the `cuda` feature; autodiff is a property of the device.
-//! Sections, in the same order in every framework: model, state, train step, epoch, evaluation, canonical weights.
+//! A Python extension (PyO3): `implementations/rust_burn/trainer.py` hands it the contract's recipe, data,
+//! learning-rate table, epoch batches and canonical weights; everything that trains runs here. burn 0.22 dispatches one
+//! tensor type to the backend of its device: Flex on CPU, CUDA (CubeCL) behind the `cuda` feature; autodiff is a
+//! property of the device. Every input is checked where it enters, so that a bad one is a Python exception naming it,
+//! never a panic inside burn. Sections, in the same order in every framework: model, state, train step, epoch,
+//! evaluation, canonical weights.
 
 use std::collections::HashMap;
+use std::fmt::Display;
+use std::num::NonZeroUsize;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, RunningState};
+use burn::module::{Module, ModuleVisitor, Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, bridge};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use numpy::{
     PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyCFunction;
 
-const BN_EPSILON: f64 = 1e-5;
-const BN_MOMENTUM: f64 = 0.1; // PyTorch's convention: the weight of the new batch
-const SGD_MOMENTUM: f64 = 0.9;
-const STAGE_WIDTHS: [usize; 4] = [64, 128, 256, 512];
-const NUM_CLASSES: usize = 10;
 const BURN_VERSION: &str = "0.22.0"; // Cargo.toml's pin
 
+/// `contract.recipe()`, which the Python page passes: nothing of it is restated here.
+#[derive(FromPyObject, Debug, Clone, Copy)]
+#[pyo3(from_item_all)]
+struct Recipe {
+    bn_epsilon: f64,
+    bn_momentum: f64, // PyTorch's convention: the weight of the new batch
+    sgd_momentum: f64,
+    stage_widths: [usize; 4],
+    num_classes: usize,
+}
+
+impl Recipe {
+    /// What burn's own layers assert (`BatchNormConfig::init`), as a Python exception.
+    fn check(self) -> PyResult<Self> {
+        let fraction = 0.0..=1.0;
+        match self.bn_epsilon > 0.0
+            && fraction.contains(&self.bn_momentum)
+            && fraction.contains(&self.sgd_momentum)
+            && self.stage_widths.iter().all(|&width| width > 0)
+            && self.num_classes > 0
+        {
+            true => Ok(self),
+            false => Err(PyValueError::new_err(format!(
+                "recipe {self:?}: expected a positive epsilon, momenta from 0 to 1, positive widths and classes"
+            ))),
+        }
+    }
+}
+
 // --- Model -----------------------------------------------------------------------------------------------------------
-/// PyTorch's BatchNorm2d. Not burn's `nn::BatchNorm`: that averages the biased batch variance into `running_var`,
-/// PyTorch the unbiased one (n / (n - 1)). The normalization itself is burn's fused `batch_norm_train` op, with its
-/// backward; only the running-statistics update differs. Fields carry PyTorch's names: the canonical names are paths.
+/// PyTorch's BatchNorm2d, with burn's `nn::BatchNorm` names (gamma, beta). Not burn's module itself: that averages the
+/// biased batch variance into `running_var`, PyTorch the unbiased one (n / (n - 1)). The normalization is burn's fused
+/// `batch_norm_train` op, with its backward; only the running-statistics update differs.
 #[derive(Module, Debug)]
 pub struct BatchNorm {
-    weight: Param<Tensor<1>>,
-    bias: Param<Tensor<1>>,
+    gamma: Param<Tensor<1>>,
+    beta: Param<Tensor<1>>,
     running_mean: RunningState<Tensor<1>>,
     running_var: RunningState<Tensor<1>>,
+    momentum: f64,
+    epsilon: f64,
 }
 
 impl BatchNorm {
-    fn new(channels: usize, device: &Device) -> Self {
+    fn new(channels: usize, recipe: &Recipe, device: &Device) -> Self {
         Self {
-            weight: Param::from_tensor(Tensor::ones([channels], device)),
-            bias: Param::from_tensor(Tensor::zeros([channels], device)),
+            gamma: Param::from_tensor(Tensor::ones([channels], device)),
+            beta: Param::from_tensor(Tensor::zeros([channels], device)),
             running_mean: RunningState::new(Tensor::zeros([channels], device)),
             running_var: RunningState::new(Tensor::ones([channels], device)),
+            momentum: recipe.bn_momentum,
+            epsilon: recipe.bn_epsilon,
         }
     }
 
@@ -55,13 +89,13 @@ impl BatchNorm {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         if !x.device().is_autodiff() {
             let (mean, var) = (self.running_mean.value(), self.running_var.value());
-            return burn::tensor::module::batch_norm(x, self.weight.val(), self.bias.val(), mean, var, BN_EPSILON);
+            return burn::tensor::module::batch_norm(x, self.gamma.val(), self.beta.val(), mean, var, self.epsilon);
         }
         let [batch, _, height, width] = x.dims();
         let n = (batch * height * width) as f64;
-        let out = burn::tensor::module::batch_norm_train(x, self.weight.val(), self.bias.val(), BN_EPSILON);
+        let out = burn::tensor::module::batch_norm_train(x, self.gamma.val(), self.beta.val(), self.epsilon);
         let blend = |running: &RunningState<Tensor<1>>, batch_value: Tensor<1>| {
-            let value = running.value_sync().mul_scalar(1.0 - BN_MOMENTUM).add(batch_value.mul_scalar(BN_MOMENTUM));
+            let value = running.value_sync().mul_scalar(1.0 - self.momentum).add(batch_value.mul_scalar(self.momentum));
             running.update(value.detach());
         };
         blend(&self.running_mean, out.mean);
@@ -95,14 +129,15 @@ pub struct BasicBlock {
 }
 
 impl BasicBlock {
-    fn new(in_channels: usize, out_channels: usize, stride: usize, device: &Device) -> Self {
+    fn new(in_channels: usize, out_channels: usize, stride: usize, recipe: &Recipe, device: &Device) -> Self {
+        let bn = |channels| BatchNorm::new(channels, recipe, device);
         let downsample = (stride != 1 || in_channels != out_channels)
-            .then(|| (conv(in_channels, out_channels, 1, stride, 0, device), BatchNorm::new(out_channels, device)));
+            .then(|| (conv(in_channels, out_channels, 1, stride, 0, device), bn(out_channels)));
         Self {
             conv1: conv(in_channels, out_channels, 3, stride, 1, device),
-            bn1: BatchNorm::new(out_channels, device),
+            bn1: bn(out_channels),
             conv2: conv(out_channels, out_channels, 3, 1, 1, device),
-            bn2: BatchNorm::new(out_channels, device),
+            bn2: bn(out_channels),
             downsample,
         }
     }
@@ -132,14 +167,15 @@ pub struct ResNet18 {
 }
 
 impl ResNet18 {
-    fn new(device: &Device) -> Self {
+    fn new(recipe: &Recipe, device: &Device) -> Self {
         let stage = |in_channels: usize, width: usize, stride: usize| {
-            vec![BasicBlock::new(in_channels, width, stride, device), BasicBlock::new(width, width, 1, device)]
+            let block = |in_channels, stride| BasicBlock::new(in_channels, width, stride, recipe, device);
+            vec![block(in_channels, stride), block(width, 1)]
         };
-        let [w1, w2, w3, w4] = STAGE_WIDTHS;
+        let [w1, w2, w3, w4] = recipe.stage_widths;
         Self {
             conv1: conv(1, w1, 7, 2, 3, device),
-            bn1: BatchNorm::new(w1, device),
+            bn1: BatchNorm::new(w1, recipe, device),
             // burn's max pooling pads with -inf, as nn.MaxPool2d does
             maxpool: MaxPool2dConfig::new([3, 3])
                 .with_strides([2, 2])
@@ -150,7 +186,7 @@ impl ResNet18 {
             layer3: stage(w2, w3, 2),
             layer4: stage(w3, w4, 2),
             avgpool: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
-            fc: LinearConfig::new(w4, NUM_CLASSES).init(device),
+            fc: LinearConfig::new(w4, recipe.num_classes).init(device),
         }
     }
 
@@ -164,6 +200,7 @@ impl ResNet18 {
     }
 }
 
+// --- State -----------------------------------------------------------------------------------------------------------
 /// The backends this build has, by the name the Python page passes: "cpu" (Flex, burn's own CPU backend), "cuda".
 fn select_device(name: &str) -> PyResult<Device> {
     match name {
@@ -183,11 +220,11 @@ const BACKENDS: &[&str] = &[
     "cuda",
 ];
 
-// --- State -----------------------------------------------------------------------------------------------------------
 /// Model, optimizer and device-resident data; the Python page's `BurnTrainer` drives it.
 #[pyclass(module = "mnist_burn")]
 pub struct Trainer {
     device: Device, // autodiff-enabled: training runs here; `Module::valid` gives the plain-device model for evaluation
+    recipe: Recipe,
     model: ResNet18,
     optimizer: ModuleOptimizer,
     step: usize,
@@ -199,31 +236,57 @@ pub struct Trainer {
     test_labels: Tensor<1, Int>,
 }
 
-fn float_tensor<const D: usize>(array: &PyReadonlyArrayDyn<f32>, device: &Device) -> PyResult<Tensor<D>> {
-    let data = TensorData::new(array.as_array().iter().copied().collect::<Vec<f32>>(), array.shape().to_vec());
-    check_rank::<D>(array.shape())?;
-    Ok(Tensor::from_data(data, device))
-}
-
-fn int_tensor<const D: usize>(values: Vec<i64>, shape: &[usize], device: &Device) -> PyResult<Tensor<D, Int>> {
-    check_rank::<D>(shape)?;
-    Ok(Tensor::from_data(TensorData::new(values, shape.to_vec()), device))
-}
-
-fn check_rank<const D: usize>(shape: &[usize]) -> PyResult<()> {
-    match shape.len() == D {
-        true => Ok(()),
-        false => Err(PyValueError::new_err(format!("expected a {D}-dimensional array, got shape {shape:?}"))),
+/// `array` as images on `device`, if it holds at least one and each has the shape `image` ([1, 28, 28]).
+fn images_tensor(array: &PyReadonlyArrayDyn<f32>, image: [usize; 3], device: &Device) -> PyResult<Tensor<4>> {
+    let [channels, height, width] = image;
+    match array.shape() {
+        &[count, ref rest @ ..] if count > 0 && rest == image => {
+            let values = array.as_array().iter().copied().collect::<Vec<f32>>();
+            Ok(Tensor::from_data(TensorData::new(values, [count, channels, height, width]), device))
+        }
+        shape => Err(PyValueError::new_err(format!(
+            "images of shape {shape:?}: expected [batch, {channels}, {height}, {width}]"
+        ))),
     }
 }
 
-fn labels(array: &PyReadonlyArray1<i32>) -> Vec<i64> {
-    array.as_array().iter().map(|&label| label as i64).collect()
+/// `array` as labels on `device`, if it holds one class index per image.
+fn labels_tensor(
+    array: &PyReadonlyArray1<i32>,
+    count: usize,
+    classes: usize,
+    device: &Device,
+) -> PyResult<Tensor<1, Int>> {
+    let values: Vec<i64> = array.as_array().iter().map(|&label| label as i64).collect();
+    if values.len() != count {
+        return Err(PyValueError::new_err(format!("{} labels for {count} images", values.len())));
+    }
+    if let Some(label) = values.iter().find(|label| !(0..classes as i64).contains(label)) {
+        return Err(PyValueError::new_err(format!("label {label}: expected a class index from 0 to {}", classes - 1)));
+    }
+    Ok(Tensor::from_data(TensorData::new(values, [count]), device))
 }
 
-fn make_optimizer() -> ModuleOptimizer {
-    // burn's momentum dampens the gradient by default (0.1); PyTorch's, the contract's, does not: buf = 0.9 buf + grad
-    SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(SGD_MOMENTUM).with_dampening(0.0))).init()
+/// A read back from the device (or a sync) that failed, as CUDA reports an earlier kernel's error: a Python exception.
+fn runtime_error(error: impl Display) -> PyErr {
+    PyRuntimeError::new_err(error.to_string())
+}
+
+fn make_optimizer(recipe: &Recipe) -> ModuleOptimizer {
+    // burn's momentum dampens the gradient by default (0.1); PyTorch's, the contract's, does not: buf = m buf + grad
+    let momentum = MomentumConfig::new().with_momentum(recipe.sgd_momentum).with_dampening(0.0);
+    SgdConfig::new().with_momentum(Some(momentum)).init()
+}
+
+/// burn's `Module::num_params` counts the running statistics too: this counts what requires a gradient.
+struct TrainableParameters(usize);
+
+impl ModuleVisitor for TrainableParameters {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if param.is_require_grad() {
+            self.0 += param.lazy_shape().num_elements();
+        }
+    }
 }
 
 #[pymethods]
@@ -236,20 +299,31 @@ impl Trainer {
         test_labels: PyReadonlyArray1<i32>,
         schedule: PyReadonlyArray1<f32>,
         device: &str,
+        recipe: Recipe,
     ) -> PyResult<Self> {
+        let recipe = recipe.check()?;
         let device = select_device(device)?.autodiff();
         let data = device.clone().inner(); // data needs no gradients: it lives on the plain device
+        let &[_, 1, height, width] = train_images.shape() else {
+            let shape = train_images.shape();
+            return Err(PyValueError::new_err(format!("training images of shape {shape:?}: expected [N, 1, H, W]")));
+        };
+        let image = [1, height, width]; // the stem takes one channel
+        let (train_images, test_images) =
+            (images_tensor(&train_images, image, &data)?, images_tensor(&test_images, image, &data)?);
+        let classes = recipe.num_classes;
         Ok(Self {
-            model: ResNet18::new(&device),
-            optimizer: make_optimizer(),
+            model: ResNet18::new(&recipe, &device),
+            optimizer: make_optimizer(&recipe),
             step: 0,
             schedule: schedule.as_array().to_vec(),
             loss: CrossEntropyLossConfig::new().init(&device),
-            train_images: float_tensor(&train_images, &data)?,
-            train_labels: int_tensor(labels(&train_labels), &[train_labels.len()], &data)?,
-            test_images: float_tensor(&test_images, &data)?,
-            test_labels: int_tensor(labels(&test_labels), &[test_labels.len()], &data)?,
+            train_labels: labels_tensor(&train_labels, train_images.dims()[0], classes, &data)?,
+            test_labels: labels_tensor(&test_labels, test_images.dims()[0], classes, &data)?,
+            train_images,
+            test_images,
             device,
+            recipe,
         })
     }
 
@@ -263,61 +337,93 @@ impl Trainer {
         BURN_VERSION
     }
 
-    fn learning_rate(&self, step: usize) -> f64 {
-        self.schedule[step] as f64
+    fn trainable_parameters(&self) -> usize {
+        let mut count = TrainableParameters(0);
+        self.model.visit(&mut count);
+        count.0
+    }
+}
+
+impl Trainer {
+    fn image(&self) -> [usize; 3] {
+        let [_, channels, height, width] = self.train_images.dims();
+        [channels, height, width]
     }
 }
 
 // --- Train step ------------------------------------------------------------------------------------------------------
 impl Trainer {
     /// One SGD step on a batch already on the device; the loss stays there (no sync per step).
-    fn device_train_step(&mut self, images: Tensor<4>, labels: Tensor<1, Int>) -> Tensor<1> {
-        let learning_rate = self.learning_rate(self.step);
+    fn train_step(&mut self, images: Tensor<4>, labels: Tensor<1, Int>) -> PyResult<Tensor<1>> {
+        let learning_rate = self.learning_rate(self.step)?;
         let loss = self.loss.forward(self.model.forward(images.autodiff()), labels.autodiff());
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
         self.model = self.optimizer.step(learning_rate, self.model.clone(), grads);
         self.step += 1;
-        loss.inner()
+        Ok(loss.inner())
+    }
+
+    fn learning_rate(&self, step: usize) -> PyResult<f64> {
+        match self.schedule.get(step) {
+            Some(&rate) => Ok(rate as f64),
+            None => Err(PyValueError::new_err(format!("step {step}: the schedule has {} steps", self.schedule.len()))),
+        }
     }
 }
 
 #[pymethods]
 impl Trainer {
-    fn train_step(&mut self, images: PyReadonlyArrayDyn<f32>, labels: PyReadonlyArray1<i32>) -> PyResult<f32> {
+    fn train_on_batch(&mut self, images: PyReadonlyArrayDyn<f32>, labels: PyReadonlyArray1<i32>) -> PyResult<f32> {
         let data = self.device.clone().inner();
-        let images = float_tensor(&images, &data)?;
-        let labels = int_tensor(self::labels(&labels), &[labels.len()], &data)?;
-        Ok(self.device_train_step(images, labels).into_scalar())
+        let images = images_tensor(&images, self.image(), &data)?;
+        let labels = labels_tensor(&labels, images.dims()[0], self.recipe.num_classes, &data)?;
+        self.train_step(images, labels)?.try_into_scalar().map_err(runtime_error)
+    }
+
+    fn learning_rates(&self, steps: Vec<usize>) -> PyResult<Vec<f64>> {
+        steps.into_iter().map(|step| self.learning_rate(step)).collect()
     }
 }
 
 // --- Epoch -----------------------------------------------------------------------------------------------------------
 #[pymethods]
 impl Trainer {
-    /// Trains on `batches` ([steps, batch] indices from the contract), without the GIL; returns the mean loss and the
-    /// labels the steps consumed, in order (read back after the loss: the epoch is done on the device).
-    fn train_epoch<'py>(
+    /// Trains on `batches` ([steps, batch] indices into the training images) without the GIL, calling
+    /// `progress(steps_done, wait)` after each step (`wait` syncs the device); returns the mean loss and the labels the
+    /// steps consumed, in order (read back after the loss: the steps are done on the device).
+    fn train_batches<'py>(
         &mut self,
         py: Python<'py>,
         batches: PyReadonlyArray2<i64>,
+        progress: Py<PyAny>,
     ) -> PyResult<(f32, Bound<'py, PyArray1<i64>>)> {
-        let [steps, batch] = [batches.shape()[0], batches.shape()[1]];
-        let batches = int_tensor::<2>(
-            batches.as_array().iter().copied().collect(),
-            &[steps, batch],
-            &self.device.clone().inner(),
-        )?;
-        let (mean_loss, consumed) = py.detach(|| {
+        let (shape, train_images) = (batches.shape(), self.train_images.dims()[0] as i64);
+        let [steps, batch] = [shape[0], shape[1]];
+        if steps == 0 || batch == 0 || batches.as_array().iter().any(|index| !(0..train_images).contains(index)) {
+            return Err(PyValueError::new_err(format!(
+                "batches of shape {shape:?}: expected [steps, batch] indices from 0 to {}",
+                train_images - 1
+            )));
+        }
+        let indices = TensorData::new(batches.as_array().iter().copied().collect::<Vec<i64>>(), [steps, batch]);
+        let batches = Tensor::<2, Int>::from_data(indices, &self.device.clone().inner());
+        let device = self.device.clone();
+        let wait = PyCFunction::new_closure(py, None, None, move |args, _| {
+            args.py().detach(|| device.sync()).map_err(runtime_error)
+        })?
+        .unbind();
+        let (mean_loss, consumed) = py.detach(|| -> PyResult<_> {
             let (mut losses, mut consumed) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
             for step in 0..steps {
                 let indices = batches.clone().slice(step..step + 1).reshape([batch]);
                 let labels = self.train_labels.clone().select(0, indices.clone());
-                losses.push(self.device_train_step(self.train_images.clone().select(0, indices), labels.clone()));
+                losses.push(self.train_step(self.train_images.clone().select(0, indices), labels.clone())?);
                 consumed.push(labels);
+                Python::attach(|py| progress.call1(py, (step + 1, &wait)))?;
             }
-            let mean_loss: f32 = Tensor::cat(losses, 0).mean().into_scalar();
-            (mean_loss, Tensor::cat(consumed, 0).into_data().convert::<i64>().try_into_vec::<i64>().unwrap())
-        });
+            let mean_loss: f32 = Tensor::cat(losses, 0).mean().try_into_scalar().map_err(runtime_error)?;
+            Ok((mean_loss, Tensor::cat(consumed, 0).try_into_vec_as::<i64>().map_err(runtime_error)?))
+        })?;
         Ok((mean_loss, PyArray1::from_vec(py, consumed)))
     }
 }
@@ -325,12 +431,7 @@ impl Trainer {
 // --- Evaluation ------------------------------------------------------------------------------------------------------
 impl Trainer {
     /// (summed loss, correct count) of one evaluation batch, on the device.
-    fn device_eval_step(
-        &self,
-        model: &ResNet18,
-        images: Tensor<4>,
-        labels: Tensor<1, Int>,
-    ) -> (Tensor<1>, Tensor<1, Int>) {
+    fn eval_step(&self, model: &ResNet18, images: Tensor<4>, labels: Tensor<1, Int>) -> (Tensor<1>, Tensor<1, Int>) {
         let logits = model.forward(images);
         let [batch, _] = logits.dims();
         let correct = logits.clone().argmax(1).reshape([batch]).equal(labels.clone()).int().sum();
@@ -341,21 +442,21 @@ impl Trainer {
 #[pymethods]
 impl Trainer {
     /// (summed loss, correct count) over the test images, `eval_batch` at a time, with the running statistics.
-    fn evaluate(&self, py: Python<'_>, eval_batch: usize) -> (f64, i64) {
+    fn evaluate(&self, py: Python<'_>, eval_batch: NonZeroUsize) -> PyResult<(f64, i64)> {
         py.detach(|| {
             let model = self.model.valid();
             let total = self.test_labels.dims()[0];
             let (mut loss_sum, mut correct) = (Vec::new(), Vec::new());
-            for start in (0..total).step_by(eval_batch) {
-                let end = (start + eval_batch).min(total);
+            for start in (0..total).step_by(eval_batch.get()) {
+                let end = (start + eval_batch.get()).min(total);
                 let images = self.test_images.clone().slice(start..end);
-                let (loss, hits) = self.device_eval_step(&model, images, self.test_labels.clone().slice(start..end));
+                let (loss, hits) = self.eval_step(&model, images, self.test_labels.clone().slice(start..end));
                 loss_sum.push(loss);
                 correct.push(hits);
             }
-            let loss_sum: f32 = Tensor::cat(loss_sum, 0).sum().into_scalar();
-            let correct: i64 = Tensor::cat(correct, 0).sum().into_scalar();
-            (loss_sum as f64, correct)
+            let loss_sum: f32 = Tensor::cat(loss_sum, 0).sum().try_into_scalar().map_err(runtime_error)?;
+            let correct: i64 = Tensor::cat(correct, 0).sum().try_into_scalar().map_err(runtime_error)?;
+            Ok((loss_sum as f64, correct))
         })
     }
 
@@ -367,105 +468,67 @@ impl Trainer {
         train: bool,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let logits = match train {
-            true => self.model.forward(float_tensor(&images, &self.device)?),
-            false => self.model.valid().forward(float_tensor(&images, &self.device.clone().inner())?),
+            true => self.model.forward(images_tensor(&images, self.image(), &self.device)?),
+            false => self.model.valid().forward(images_tensor(&images, self.image(), &self.device.clone().inner())?),
         };
-        to_numpy(py, logits.into_data())
+        to_numpy(py, logits.try_into_data().map_err(runtime_error)?)
     }
 }
 
 // --- Canonical weights -----------------------------------------------------------------------------------------------
-// The module paths are PyTorch's state_dict names (the field names are chosen so); only the linear weight's layout
-// differs: burn keeps it [in, out], PyTorch [out, in].
-struct ImportCanonical<'a> {
-    weights: &'a HashMap<String, TensorData>,
-    path: Vec<String>,
-    missing: Vec<String>,
-}
-
-impl ModuleMapper for ImportCanonical<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let name = self.path.join(".");
-        let Some(data) = self.weights.get(&name) else {
-            self.missing.push(name);
-            return param;
-        };
-        let tensor = Tensor::<D>::from_data(data.clone(), &param.lazy_device());
-        let tensor = if name == "fc.weight" { tensor.transpose() } else { tensor };
-        param.map(|old| tensor.set_require_grad(old.is_require_grad()))
-    }
-}
-
-struct ExportCanonical {
-    path: Vec<String>,
-    weights: Vec<(String, TensorData)>,
-}
-
-impl ModuleVisitor for ExportCanonical {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let name = self.path.join(".");
-        let tensor = if name == "fc.weight" { param.val().transpose() } else { param.val() };
-        self.weights.push((name, tensor.into_data()));
-    }
-}
-
-fn import_canonical(model: ResNet18, weights: &HashMap<String, TensorData>) -> Result<ResNet18, String> {
-    let mut import = ImportCanonical { weights, path: Vec::new(), missing: Vec::new() };
-    let model = model.map(&mut import);
-    match import.missing.is_empty() {
-        true => Ok(model),
-        false => Err(format!("canonical weights lack {:?}", import.missing)),
-    }
-}
-
-fn export_canonical(model: &ResNet18) -> Vec<(String, TensorData)> {
-    let mut export = ExportCanonical { path: Vec::new(), weights: Vec::new() };
-    model.valid().visit(&mut export); // `valid` folds in the running statistics' pending updates
-    export.weights
-}
-
-fn to_numpy<'py>(py: Python<'py>, data: TensorData) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-    let shape = data.shape().to_vec();
-    PyArray1::from_vec(py, data.convert::<f32>().try_into_vec::<f32>().unwrap()).reshape(shape)
-}
-
+// The module paths are PyTorch's state_dict names (the field names are chosen so). burn-store's PyTorch adapters
+// translate the rest: BatchNorm's gamma and beta are PyTorch's weight and bias, and burn keeps the linear weight
+// [in, out], PyTorch [out, in].
 #[pymethods]
 impl Trainer {
-    /// Start afresh from canonical weights (checked by the Python page): model, BatchNorm statistics, optimizer, step 0
+    /// Start afresh from canonical weights (also checked by the Python page): model, BatchNorm statistics, optimizer,
+    /// step 0.
     fn import_weights(&mut self, weights: HashMap<String, PyReadonlyArrayDyn<f32>>) -> PyResult<()> {
-        let weights = weights
-            .into_iter()
-            .map(|(name, array)| {
-                let data =
-                    TensorData::new(array.as_array().iter().copied().collect::<Vec<f32>>(), array.shape().to_vec());
-                (name, data)
-            })
-            .collect();
-        self.model = import_canonical(ResNet18::new(&self.device), &weights).map_err(PyValueError::new_err)?;
-        self.optimizer = make_optimizer();
+        let mut model = ResNet18::new(&self.recipe, &self.device);
+        import_canonical(&mut model, weights)?;
+        self.model = model;
+        self.optimizer = make_optimizer(&self.recipe);
         self.step = 0;
         Ok(())
     }
 
     fn export_weights<'py>(&self, py: Python<'py>) -> PyResult<HashMap<String, Bound<'py, PyArrayDyn<f32>>>> {
-        export_canonical(&self.model).into_iter().map(|(name, data)| Ok((name, to_numpy(py, data)?))).collect()
+        export_canonical(&self.model)?.into_iter().map(|(name, data)| Ok((name, to_numpy(py, data)?))).collect()
     }
+}
+
+fn import_canonical(model: &mut ResNet18, weights: HashMap<String, PyReadonlyArrayDyn<f32>>) -> PyResult<()> {
+    let tensors = weights
+        .into_iter()
+        .map(|(name, array)| {
+            let data = TensorData::new(array.as_array().iter().copied().collect::<Vec<f32>>(), array.shape().to_vec());
+            bridge::from_data(data, name, None)
+        })
+        .collect();
+    // apply reports names and shapes that do not fit in its result, as it must: a panic inside it aborts the process
+    let result = model.apply(tensors, None, Some(Box::new(PyTorchToBurnAdapter)), false);
+    let problems: Vec<String> = (result.missing.iter().map(|(path, _)| format!("{path} is missing")))
+        .chain(result.unused.iter().map(|path| format!("{path} is unexpected")))
+        .chain(result.errors.iter().map(ToString::to_string)) // shapes in burn's layout: the linear weight [in, out]
+        .collect();
+    match problems.is_empty() {
+        true => Ok(()),
+        false => Err(PyValueError::new_err(format!("not canonical ResNet18 weights: {}", problems.join("; ")))),
+    }
+}
+
+fn export_canonical(model: &ResNet18) -> PyResult<Vec<(String, TensorData)>> {
+    // `valid` folds in the running statistics' pending updates
+    let tensors = model.valid().collect(None, Some(Box::new(BurnToPyTorchAdapter)), false);
+    tensors
+        .into_iter()
+        .map(|tensor| Ok((tensor.name.clone(), bridge::into_data(tensor).map_err(runtime_error)?)))
+        .collect()
+}
+
+fn to_numpy<'py>(py: Python<'py>, data: TensorData) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let shape = data.shape().to_vec();
+    PyArray1::from_vec(py, data.try_into_vec_as::<f32>().map_err(runtime_error)?).reshape(shape)
 }
 
 #[pymodule]
