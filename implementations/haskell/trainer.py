@@ -64,10 +64,19 @@ def i32(array) -> np.ndarray:
 
 
 # --- State -----------------------------------------------------------------------------------------------------------
+def select_device(config: contract.RunConfig) -> str:
+    if config.device == "cuda":
+        raise contract.Unsupported("--device cuda: the Haskell row runs on the CPU only (OpenBLAS's sgemm)")
+    return "CPU"
+
+
 class HaskellTrainer(contract.Trainer):
     command = (str(PROGRAM),)  # profile.py runs a profiling build instead
 
     def build(self, weights):
+        if self.config.precision != "fp32":
+            raise contract.Unsupported(f"--precision {self.config.precision}: the Haskell row trains in float32 only")
+        self.device = select_device(self.config)
         self.program = HaskellProgram(self.command)
         recipe = (f"{name}={json.dumps(value, separators=(',', ':'))}" for name, value in contract.recipe().items())
         self.program.request(" ".join(("recipe", *recipe)))
@@ -79,7 +88,7 @@ class HaskellTrainer(contract.Trainer):
 
     def environment(self):
         versions, _ = self.program.request("version")
-        return {"framework_version": " ".join(versions), "device": "CPU"}
+        return {"framework_version": " ".join(versions), "device": self.device}
 
     def memory_peak_bytes(self):
         """The program's peak resident memory: the harness's own figure is the worker's, which does not include it."""
