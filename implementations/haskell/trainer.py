@@ -71,7 +71,7 @@ def select_device(config: contract.RunConfig) -> str:
 
 
 class HaskellTrainer(contract.Trainer):
-    command = (str(PROGRAM),)  # profile.py runs a profiling build instead
+    command = (str(PROGRAM),)  # bench/profile_haskell.py runs a profiling build instead
 
     def build(self, weights):
         if self.config.precision != "fp32":
