@@ -2,15 +2,18 @@
 
 The model, its backward passes and the epoch loop are Haskell: src/ResNet.hs is the page (the same sections as this
 one) over the layers of src/Layers.hs. This page starts the compiled program (implementations/haskell/build.sh) and
-speaks its protocol (app/Main.hs): one ASCII request line, then raw little-endian float32/int32 arrays. The data, the
-learning-rate table, an epoch's batch indices and the canonical weights cross once per use, never as text per number.
+speaks its protocol (app/Main.hs): one ASCII request line, then raw little-endian float32/int32 arrays. The recipe
+(contract.recipe()) goes first; the data, the learning-rate table, an epoch's batch indices and the canonical weights
+cross once per use, never as text per number.
 
-Sections, in the same order in every framework: model, state, train step, epoch, evaluation, canonical weights.
+A page of the Rosetta stone: the sections of contract.PAGE_SECTIONS, in order, and the names every page uses.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +34,18 @@ class HaskellProgram:
         # sgemm runs on OpenBLAS's threads (OPENBLAS_NUM_THREADS, default: every core).
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
-    def request(self, line: str, *arrays: np.ndarray, reply: tuple[tuple[type, int], ...] = ()):
-        """Send a request and its arrays; the reply line's fields and the arrays `reply` names (dtype, length)."""
+    def request(self, line: str, *arrays: np.ndarray, reply: tuple[tuple[type, int], ...] = (),
+                progress: Callable[[int], None] | None = None):
+        """Send a request and its arrays; the reply line's fields and the arrays `reply` names (dtype, length).
+        `progress` gets the steps done from each "progress K" line that comes before the reply."""
         self.process.stdin.write(line.encode() + b"\n")
         for array in arrays:
             self.process.stdin.write(memoryview(np.ascontiguousarray(array)).cast("B"))
         self.process.stdin.flush()
         answer = self.process.stdout.readline().decode().split()
+        while progress is not None and answer[:1] == ["progress"]:
+            progress(int(answer[1]))
+            answer = self.process.stdout.readline().decode().split()
         if not answer:
             raise RuntimeError(f"the Haskell trainer exited (code {self.process.poll()}) during {line.split()[0]!r}")
         if answer[0] != "ok":
@@ -56,11 +64,22 @@ def i32(array) -> np.ndarray:
 
 
 # --- State -----------------------------------------------------------------------------------------------------------
+def select_device(config: contract.RunConfig) -> str:
+    if config.device == "cuda":
+        raise contract.Unsupported("--device cuda: the Haskell row runs on the CPU only (OpenBLAS's sgemm)")
+    return "CPU"
+
+
 class HaskellTrainer(contract.Trainer):
-    command = (str(PROGRAM),)  # profile.py runs a profiling build instead
+    command = (str(PROGRAM),)  # bench/profile_haskell.py runs a profiling build instead
 
     def build(self, weights):
+        if self.config.precision != "fp32":
+            raise contract.Unsupported(f"--precision {self.config.precision}: the Haskell row trains in float32 only")
+        self.device = select_device(self.config)
         self.program = HaskellProgram(self.command)
+        recipe = (f"{name}={json.dumps(value, separators=(',', ':'))}" for name, value in contract.recipe().items())
+        self.program.request(" ".join(("recipe", *recipe)))
         self.program.request(f"schedule {len(self.schedule)}", f32(self.schedule))
         data = self.data  # [N, 1, 28, 28] is, byte for byte, the program's NHWC [N, 28, 28, 1]
         self.program.request(f"data {len(data.train_labels)} {len(data.test_labels)}", f32(data.train_images),
@@ -69,14 +88,24 @@ class HaskellTrainer(contract.Trainer):
 
     def environment(self):
         versions, _ = self.program.request("version")
-        return {"framework_version": " ".join(versions), "device": "CPU"}
+        return {"framework_version": " ".join(versions), "device": self.device}
 
-    def warm_up(self):
-        """Compiled ahead of time: there is nothing to trace."""
+    def memory_peak_bytes(self):
+        """The program's peak resident memory: the harness's own figure is the worker's, which does not include it."""
+        status = Path(f"/proc/{self.program.process.pid}/status")
+        if not status.is_file():  # Linux reports it; elsewhere there is no figure
+            return None
+        kib = next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(kib) * 1024
+
+    def trainable_parameters(self):
+        (count,), _ = self.program.request("trainable_parameters")
+        return int(count)
 
     # --- Train step --------------------------------------------------------------------------------------------------
-    def train_step(self, images, labels):
-        (loss,), _ = self.program.request(f"train_step {len(labels)}", f32(images), i32(labels))
+    # The program's trainStep is one SGD step on a batch it holds; this hands it a batch from outside.
+    def train_on_batch(self, images, labels):
+        (loss,), _ = self.program.request(f"train_on_batch {len(labels)}", f32(images), i32(labels))
         return float(loss)
 
     def learning_rates(self, steps):
@@ -85,11 +114,14 @@ class HaskellTrainer(contract.Trainer):
         return rates
 
     # --- Epoch -------------------------------------------------------------------------------------------------------
-    def train_epoch(self, epoch):
-        indices = self.epoch_batches(epoch)
-        (mean_loss, seconds), (labels,) = self.program.request(f"train_epoch {len(indices)} {indices.shape[1]}",
-                                                                i32(indices), reply=((np.int32, indices.size),))
-        return contract.EpochResult(float(mean_loss), indices.size, float(seconds), contract.label_digest(labels))
+    def train_batches(self, batches):
+        (mean_loss, seconds), (labels,) = self.program.request(
+            f"train_batches {len(batches)} {batches.shape[1]}", i32(batches), reply=((np.int32, batches.size),),
+            progress=self.progress_meter(batches).step)
+        return contract.EpochResult(float(mean_loss), batches.size, float(seconds), contract.label_digest(labels))
+
+    def warm_up(self):
+        """Compiled ahead of time: there is nothing to trace."""
 
     # --- Evaluation --------------------------------------------------------------------------------------------------
     def evaluate(self):
@@ -101,14 +133,6 @@ class HaskellTrainer(contract.Trainer):
         _, (logits,) = self.program.request(f"logits {len(images)} {int(train)}", f32(images),
                                             reply=((np.float32, len(images) * contract.NUM_CLASSES),))
         return logits.reshape(len(images), contract.NUM_CLASSES)
-
-    def memory_peak_bytes(self):
-        """The program's peak resident memory: the harness's own figure is the worker's, which does not include it."""
-        status = Path(f"/proc/{self.program.process.pid}/status")
-        if not status.is_file():  # Linux reports it; elsewhere there is no figure
-            return None
-        kib = next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
-        return int(kib) * 1024
 
     # --- Canonical weights -------------------------------------------------------------------------------------------
     # The program converts layouts (OIHW -> [kh, kw, in, out], linear [out, in] -> [in, out]) in ResNet.hs.

@@ -9,7 +9,7 @@
 module Layers
   ( Scalar, Shape (..), Tensor (..), Mode (..), rowCount, matmul, pointwise
   , Conv (..), convForward, convBackward
-  , BatchNorm (..), BnCache, batchNorm, batchNormBackward, bnEpsilon, bnMomentum
+  , BatchNorm (..), BnCache, batchNorm, batchNormBackward
   , relu, reluBackward, add
   , maxPool, maxPoolBackward
   , globalAvgPool, globalAvgPoolBackward
@@ -156,36 +156,35 @@ convBackward (Conv k s p weight) inShape patches dy = (Tensor inShape dx, matmul
     dx = col2im k s p inShape (flatten (matmul dyMatrix (tr weight)))
 
 -- == BatchNorm ==
-data BatchNorm a = BatchNorm {gamma, beta, runningMean, runningVar :: !(V.Vector a)}
+-- | Its settings travel with it, as nn.BatchNorm2d's eps and momentum do. The momentum is PyTorch's convention:
+-- running = (1 - momentum) * running + momentum * batch statistic.
+data BatchNorm a = BatchNorm {epsilon, momentum :: !Double, gamma, beta, runningMean, runningVar :: !(V.Vector a)}
 
 -- | What the backward pass needs: the normalized input and 1 / sqrt(biased batch variance + eps), per channel.
 data BnCache a = BnCache {normalized :: V.Vector a, invStd :: V.Vector a}
-
-bnEpsilon, bnMomentum :: Double
-bnEpsilon = 1e-5
-bnMomentum = 0.1 -- PyTorch's convention: running = 0.9 * running + 0.1 * batch statistic
 
 -- | Train: normalize with the batch statistics (biased variance), update the running statistics with the unbiased
 -- variance, as PyTorch does. Eval: normalize with the running statistics; the cache is never demanded.
 batchNorm :: Scalar a => Mode -> BatchNorm a -> Tensor a -> (Tensor a, BatchNorm a, BnCache a)
 {-# SPECIALIZE batchNorm ::
       Mode -> BatchNorm Float -> Tensor Float -> (Tensor Float, BatchNorm Float, BnCache Float) #-}
-batchNorm Eval bn@(BatchNorm g b rm rv) (Tensor s x) =
+batchNorm Eval bn@(BatchNorm eps _ g b rm rv) (Tensor s x) =
   (Tensor s y, bn, error "eval-mode BatchNorm has no backward pass")
   where
-    scale = pointwise (\gi vi -> fromDouble (toDouble gi / sqrt (toDouble vi + bnEpsilon))) g rv
+    scale = pointwise (\gi vi -> fromDouble (toDouble gi / sqrt (toDouble vi + eps))) g rv
     y = perChannel (channels s) (\ch _ xi -> (xi - rm ! ch) * scale ! ch + b ! ch) x
-batchNorm Train (BatchNorm g b rm rv) (Tensor s x) = (Tensor s y, BatchNorm g b rm' rv', BnCache xhat inv)
+batchNorm Train bn@(BatchNorm eps m g b rm rv) (Tensor s x) =
+  (Tensor s y, bn {runningMean = rm', runningVar = rv'}, BnCache xhat inv)
   where
     (n, c) = (rowCount s, channels s)
     count = fromIntegral n
     mean = V.map (/ count) (channelSums n c (\i _ -> toDouble (x ! i)))
     var = V.map (/ count) (channelSums n c (\i ch -> let d = toDouble (x ! i) - mean ! ch in d * d))
-    inv = V.map (\v -> fromDouble (1 / sqrt (v + bnEpsilon))) var
+    inv = V.map (\v -> fromDouble (1 / sqrt (v + eps))) var
     meanA = V.map fromDouble mean
     xhat = perChannel c (\ch _ xi -> (xi - meanA ! ch) * inv ! ch) x
     y = perChannel c (\ch _ h -> h * g ! ch + b ! ch) xhat
-    running old new = fromDouble ((1 - bnMomentum) * toDouble old + bnMomentum * new)
+    running old new = fromDouble ((1 - m) * toDouble old + m * new)
     rm' = pointwise running rm mean
     rv' = pointwise running rv (V.map (* (count / (count - 1))) var)
 

@@ -5,12 +5,13 @@
 --
 -- Sections, in the same order in every framework: model, state, train step, epoch, evaluation, canonical weights.
 module ResNet
-  ( BasicBlock (..), ResNet18 (..), resnet18, forward, backward, parameters, withParameters
-  , Trainer (..), Dataset (..), newTrainer, resetTrainer, forceModel
-  , trainStep, learningRate, trainEpoch
+  ( Recipe (..), imageSize, BasicBlock (..), ResNet18 (..), resnet18, forward, backward, parameters, withParameters
+  , forceModel
+  , Dataset (..), TrainState (..), newTrainState, startFrom, trainableParameters
+  , trainStep, trainOnBatch, learningRates
+  , trainBatches
   , evalStep, evaluate, logits
   , importCanonical, exportCanonical, canonicalSize
-  , imageSize, numClasses
   ) where
 
 import Control.Monad.State.Strict (evalState, state)
@@ -20,16 +21,19 @@ import Data.List (foldl', mapAccumL, mapAccumR)
 import Data.Monoid (Sum (..))
 import qualified Data.Vector.Storable as V
 import GHC.Clock (getMonotonicTime)
+import GHC.Float (double2Float)
 import Numeric.LinearAlgebra (Matrix, cols, flatten, reshape, rows, tr)
 
 import Layers
 
 -- --- Model ----------------------------------------------------------------------------------------------------------
-stageWidths :: [Int]
-stageWidths = [64, 128, 256, 512]
+-- | contract.recipe(), which trainer.py sends before anything else: the program states none of it itself.
+data Recipe = Recipe
+  { bnEpsilon, bnMomentum :: !Double -- BatchNorm's, in PyTorch's convention
+  , sgdMomentum :: !Double -- PyTorch's formulation: buf = momentum * buf + grad; param -= lr * buf
+  , stageWidths :: ![Int], numClasses :: !Int }
 
-numClasses, imageSize :: Int
-numClasses = 10
+imageSize :: Int
 imageSize = 28
 
 data BasicBlock a = BasicBlock
@@ -42,15 +46,16 @@ data ResNet18 a = ResNet18
   , fcWeight :: !(Matrix a), fcBias :: !(V.Vector a)
   }
 
--- | The architecture, all weights zero (import_canonical fills them): torchvision's ResNet18, 1 channel, 10 classes.
-resnet18 :: Scalar a => ResNet18 a
-resnet18 =
-  ResNet18 (conv 7 2 3 1 64) (batchnormOf 64) stages (zeros (last stageWidths) numClasses) (V.replicate numClasses 0)
+-- | The architecture, all weights zero (importCanonical fills them): torchvision's ResNet18 for 1 channel.
+resnet18 :: Scalar a => Recipe -> ResNet18 a
+resnet18 (Recipe eps m _ widths classes) =
+  ResNet18 (conv 7 2 3 1 stem) (batchnormOf stem) stages (zeros (last widths) classes) (V.replicate classes 0)
   where
-    stages = concat (zipWith stage [1 :: Int ..] (zip (64 : stageWidths) stageWidths))
+    stem = head widths
+    stages = concat (zipWith stage [1 :: Int ..] (zip (stem : widths) widths))
     zeros r c = reshape c (V.replicate (r * c) 0)
     conv k s p cin cout = Conv k s p (zeros (k * k * cin) cout)
-    batchnormOf c = BatchNorm (V.replicate c 1) (V.replicate c 0) (V.replicate c 0) (V.replicate c 1)
+    batchnormOf c = BatchNorm eps m (V.replicate c 1) (V.replicate c 0) (V.replicate c 0) (V.replicate c 1)
     stage i (cin, cout) =
       let s = if i == 1 then 1 else 2
           down = if s /= 1 || cin /= cout then Just (conv 1 s 0 cin cout, batchnormOf cout) else Nothing
@@ -88,7 +93,7 @@ blockBackward :: Scalar a => BasicBlock a -> BlockCache a -> Tensor a -> (Tensor
       BasicBlock Float -> BlockCache Float -> Tensor Float -> (Tensor Float, BasicBlock Float) #-}
 blockBackward (BasicBlock c1 b1 c2 b2 down) (BlockCache x p1 k1 a1 p2 k2 kd y) dy =
   ( add dx1 dxShortcut
-  , BasicBlock (c1 {convWeight = dw1}) (gradient dg1 db1) (c2 {convWeight = dw2}) (gradient dg2 db2) downGrad )
+  , BasicBlock (c1 {convWeight = dw1}) (gradient b1 dg1 db1) (c2 {convWeight = dw2}) (gradient b2 dg2 db2) downGrad )
   where
     dsum = reluBackward y dy
     (dz2, dg2, db2) = batchNormBackward b2 k2 dsum
@@ -99,17 +104,17 @@ blockBackward (BasicBlock c1 b1 c2 b2 down) (BlockCache x p1 k1 a1 p2 k2 kd y) d
       (Just (cd, bd), Just (pd, kbd)) ->
         let (dzd, dgd, dbd) = batchNormBackward bd kbd dsum
             (dxd, dwd) = convBackward cd (shape x) pd dzd
-         in (dxd, Just (cd {convWeight = dwd}, gradient dgd dbd))
+         in (dxd, Just (cd {convWeight = dwd}, gradient bd dgd dbd))
       _ -> (dsum, Nothing)
 
-gradient :: Scalar a => V.Vector a -> V.Vector a -> BatchNorm a
-gradient dgamma dbeta = BatchNorm dgamma dbeta V.empty V.empty
+gradient :: Scalar a => BatchNorm a -> V.Vector a -> V.Vector a -> BatchNorm a
+gradient bn dgamma dbeta = bn {gamma = dgamma, beta = dbeta, runningMean = V.empty, runningVar = V.empty}
 
 data Cache a = Cache
   { stemInput :: Shape, stemPatches :: Matrix a, stemNorm :: BnCache a, stemActivation :: Tensor a
   , poolArgmax :: V.Vector Int, blockCaches :: [BlockCache a], features :: Matrix a, lastShape :: Shape }
 
--- | [batch * 28 * 28, 1] images -> ([batch, 10] logits, the model with updated running statistics, cache)
+-- | [batch * 28 * 28, 1] images -> ([batch, classes] logits, the model with updated running statistics, cache)
 forward :: Scalar a => Mode -> ResNet18 a -> Tensor a -> (Matrix a, ResNet18 a, Cache a)
 {-# SPECIALIZE forward :: Mode -> ResNet18 Float -> Tensor Float -> (Matrix Float, ResNet18 Float, Cache Float) #-}
 forward mode (ResNet18 c b bs w bias) x =
@@ -128,7 +133,7 @@ forward mode (ResNet18 c b bs w bias) x =
 backward :: Scalar a => ResNet18 a -> Cache a -> Matrix a -> ResNet18 a
 {-# SPECIALIZE backward :: ResNet18 Float -> Cache Float -> Matrix Float -> ResNet18 Float #-}
 backward (ResNet18 c b bs w _) (Cache inShape p kb a argmax ks feats hShape) dlogits =
-  ResNet18 (c {convWeight = dwStem}) (gradient dg db) blockGrads dw dbias
+  ResNet18 (c {convWeight = dwStem}) (gradient b dg db) blockGrads dw dbias
   where
     (dfeats, dw, dbias) = linearBackward w feats dlogits
     (dpooled, blockGrads) =
@@ -138,7 +143,7 @@ backward (ResNet18 c b bs w _) (Cache inShape p kb a argmax ks feats hShape) dlo
 
 -- | Every tensor of the model in canonical (state_dict) order, with what it is: the one traversal that SGD, the
 -- canonical import/export and forcing the model share.
-data Role = ConvWeight Int Int Int | Gamma | Beta | RunningMean | RunningVar | FcWeight | FcBias
+data Role = ConvWeight Int Int Int | Gamma | Beta | RunningMean | RunningVar | FcWeight Int Int | FcBias
 
 trainable :: Role -> Bool
 trainable RunningMean = False
@@ -147,11 +152,11 @@ trainable _ = True
 
 tensors :: (Applicative f, Scalar a) => (Role -> V.Vector a -> f (V.Vector a)) -> ResNet18 a -> f (ResNet18 a)
 tensors f (ResNet18 c b bs w bias) =
-  ResNet18 <$> conv c <*> bn b <*> traverse block bs <*> matrix FcWeight w <*> f FcBias bias
+  ResNet18 <$> conv c <*> bn b <*> traverse block bs <*> matrix (FcWeight (cols w) (rows w)) w <*> f FcBias bias
   where
     conv cv@(Conv k _ _ m) = (\m' -> cv {convWeight = m'}) <$> matrix (ConvWeight (cols m) (rows m `div` (k * k)) k) m
     matrix role m = reshape (cols m) <$> f role (flatten m)
-    bn (BatchNorm g be rm rv) = BatchNorm <$> f Gamma g <*> f Beta be <*> f RunningMean rm <*> f RunningVar rv
+    bn (BatchNorm e m g be rm rv) = BatchNorm e m <$> f Gamma g <*> f Beta be <*> f RunningMean rm <*> f RunningVar rv
     block (BasicBlock c1 b1 c2 b2 d) =
       BasicBlock <$> conv c1 <*> bn b1 <*> conv c2 <*> bn b2 <*> traverse (\(cd, bd) -> (,) <$> conv cd <*> bn bd) d
 
@@ -173,37 +178,57 @@ forceModel model = foldl' (flip seq) () (getConst (tensors (\_ v -> Const [V.len
 -- --- State ----------------------------------------------------------------------------------------------------------
 data Dataset = Dataset {images :: !(V.Vector Float), labels :: !(V.Vector Int32)} -- [n, 28, 28, 1], [n]
 
-data Trainer = Trainer
-  { model :: !(ResNet18 Float), momentum :: ![V.Vector Float], step :: !Int
+data TrainState = TrainState
+  { recipe :: !Recipe, model :: !(ResNet18 Float), momentumBuffers :: ![V.Vector Float], step :: !Int
   , schedule :: !(V.Vector Float), trainData, testData :: !Dataset }
 
-newTrainer :: ResNet18 Float -> V.Vector Float -> Dataset -> Dataset -> Trainer
-newTrainer weights table train test = resetTrainer (Trainer weights [] 0 table train test) weights
+-- | The recipe's model, all zero, before the set-up requests bring the schedule, the data and the weights.
+newTrainState :: Recipe -> TrainState
+newTrainState r = startFrom zero (TrainState r zero [] 0 V.empty none none)
+  where
+    zero = resnet18 r
+    none = Dataset V.empty V.empty
 
--- | Start afresh from `weights`: momentum buffers zero (PyTorch's first step sets buf = grad, which is 0.9 * 0 + grad).
-resetTrainer :: Trainer -> ResNet18 Float -> Trainer
-resetTrainer t weights = t {model = weights, momentum = map (V.map (const 0)) (parameters weights), step = 0}
+-- | Start afresh from `weights`: momentum buffers zero (PyTorch's first step sets buf = grad, which is m * 0 + grad).
+startFrom :: ResNet18 Float -> TrainState -> TrainState
+startFrom weights t = t {model = weights, momentumBuffers = map (V.map (const 0)) (parameters weights), step = 0}
+
+-- | Convolution and linear weights, the linear bias, BatchNorm weights and biases; not the running statistics.
+trainableParameters :: ResNet18 Float -> Int
+trainableParameters = sum . map V.length . parameters
 
 -- --- Train step -----------------------------------------------------------------------------------------------------
-learningRate :: Trainer -> Int -> Float
+learningRate :: TrainState -> Int -> Float
 learningRate t s
   | s >= 0 && s < V.length (schedule t) = schedule t V.! s
   | otherwise = error ("step " ++ show s ++ " is past the learning-rate table's " ++ show (V.length (schedule t))
                        ++ " steps")
 
--- | One SGD step on a batch ([batch * 28 * 28] pixels, labels): the mean loss and the trained state. PyTorch's momentum
--- formulation: buf = 0.9 * buf + grad; param -= lr * buf.
-trainStep :: Trainer -> V.Vector Float -> V.Vector Int -> (Double, Trainer)
+-- | One SGD step on a batch in the program ([batch * 28 * 28] pixels, labels): the mean loss and the trained state,
+-- unevaluated. PyTorch's momentum formulation: buf = momentum * buf + grad; param -= lr * buf.
+trainStep :: TrainState -> V.Vector Float -> V.Vector Int -> (Double, TrainState)
 trainStep t pixels ys =
-  (lossSum / fromIntegral (V.length ys), t {model = withParameters model' params', momentum = bufs', step = step t + 1})
+  ( lossSum / fromIntegral (V.length ys)
+  , t {model = withParameters model' params', momentumBuffers = bufs', step = step t + 1} )
   where
     input = Tensor (Shape (V.length ys) imageSize imageSize 1) pixels
     (out, model', cache) = forward Train (model t) input
     (lossSum, _, dlogits) = crossEntropy out ys
     grads = parameters (backward (model t) cache dlogits)
     lr = learningRate t (step t)
-    bufs' = zipWith (pointwise (\buf g -> 0.9 * buf + g)) (momentum t) grads
+    m = double2Float (sgdMomentum (recipe t))
+    bufs' = zipWith (pointwise (\buf g -> m * buf + g)) (momentumBuffers t) grads
     params' = zipWith (pointwise (\p buf -> p - lr * buf)) (parameters model') bufs'
+
+-- | One step on a batch from outside the program (pixels and int32 labels, as the protocol reads them), evaluated
+-- through, as Keras' train_on_batch: the mean loss and the trained state.
+trainOnBatch :: TrainState -> V.Vector Float -> V.Vector Int32 -> (Double, TrainState)
+trainOnBatch t pixels labels = loss `seq` forceModel (model t') `seq` (loss, t')
+  where
+    (loss, t') = trainStep t pixels (V.map fromIntegral labels)
+
+learningRates :: TrainState -> V.Vector Int32 -> V.Vector Float
+learningRates t = V.map (learningRate t . fromIntegral)
 
 -- --- Epoch ----------------------------------------------------------------------------------------------------------
 gather :: Dataset -> V.Vector Int32 -> (V.Vector Float, V.Vector Int)
@@ -213,31 +238,33 @@ gather (Dataset imgs labs) indices =
   where
     pixels = imageSize * imageSize
 
--- | Train on the epoch's batches ([steps * batch] indices, in the contract's order): (trainer, mean loss, seconds,
--- the labels consumed). Every step is forced before the next, so the time is the work's.
-trainEpoch :: Trainer -> Int -> V.Vector Int32 -> IO (Trainer, Double, Double, V.Vector Int)
-trainEpoch t0 batchSize indices = do
+-- | Train on `batches` ([steps * batch] indices, in the contract's order), telling `progress` the steps done after
+-- each one: (state, mean loss, seconds, the labels consumed). Every step is forced before the next, so the time is
+-- the work's.
+trainBatches :: TrainState -> Int -> V.Vector Int32 -> (Int -> IO ()) -> IO (TrainState, Double, Double, V.Vector Int)
+trainBatches t0 batchSize batches progress = do
   start <- getMonotonicTime
-  let steps = V.length indices `div` batchSize
+  let steps = V.length batches `div` batchSize
       go !t !total s
         | s == steps = pure (t, total)
         | otherwise = do
-            let (pixels, ys) = gather (trainData t) (V.slice (s * batchSize) batchSize indices)
+            let (pixels, ys) = gather (trainData t) (V.slice (s * batchSize) batchSize batches)
                 (loss, t') = trainStep t pixels ys
-            loss `seq` forceModel (model t') `seq` go t' (total + loss) (s + 1)
+            loss `seq` forceModel (model t') `seq` progress (s + 1)
+            go t' (total + loss) (s + 1)
   (trained, total) <- go t0 0 0
   end <- getMonotonicTime
-  pure (trained, total / fromIntegral steps, end - start, snd (gather (trainData t0) indices))
+  pure (trained, total / fromIntegral steps, end - start, snd (gather (trainData t0) batches))
 
 -- --- Evaluation -----------------------------------------------------------------------------------------------------
--- | Eval-mode (summed loss, correct count) of one batch of images and labels (the PyTorch page's device_eval_step).
-evalStep :: Trainer -> V.Vector Float -> V.Vector Int -> (Double, Int)
+-- | Eval-mode (summed loss, correct count) of one batch of images and labels.
+evalStep :: TrainState -> V.Vector Float -> V.Vector Int -> (Double, Int)
 evalStep t pixels ys = (loss, correct)
   where
     (loss, correct, _) = crossEntropy (logits t Eval pixels) ys
 
 -- | Eval-mode (summed loss, correct count) over the test set, `batchSize` images at a time.
-evaluate :: Trainer -> Int -> (Double, Int)
+evaluate :: TrainState -> Int -> (Double, Int)
 evaluate t batchSize = foldl' accumulate (0, 0) [0, batchSize .. n - batchSize]
   where
     Dataset imgs labs = testData t
@@ -248,9 +275,9 @@ evaluate t batchSize = foldl' accumulate (0, 0) [0, batchSize .. n - batchSize]
           (l, c) = evalStep t images' (V.map fromIntegral (V.slice start batchSize labs))
        in (loss + l, correct + c)
 
--- | [batch, 10] logits of a batch of images; Train normalizes with batch statistics (the running statistics it would
--- update are dropped).
-logits :: Trainer -> Mode -> V.Vector Float -> Matrix Float
+-- | [batch, classes] logits of a batch of images; Train normalizes with batch statistics (the running statistics it
+-- would update are dropped).
+logits :: TrainState -> Mode -> V.Vector Float -> Matrix Float
 logits t mode pixels = out
   where
     images' = Tensor (Shape (V.length pixels `div` (imageSize * imageSize)) imageSize imageSize 1) pixels
@@ -259,14 +286,15 @@ logits t mode pixels = out
 -- --- Canonical weights ----------------------------------------------------------------------------------------------
 -- Canonical = PyTorch's state_dict order and layouts, all tensors concatenated: convolutions OIHW (here [kh, kw, in,
 -- out]), the linear weight [out, in] (here [in, out]), BatchNorm weight, bias, running mean, running variance.
-canonicalSize :: Int
-canonicalSize = getSum (getConst (tensors (\_ v -> Const (Sum (V.length v))) (resnet18 :: ResNet18 Float)))
+canonicalSize :: Recipe -> Int
+canonicalSize r = getSum (getConst (tensors (\_ v -> Const (Sum (V.length v))) (resnet18 r :: ResNet18 Float)))
 
-importCanonical :: Scalar a => V.Vector a -> ResNet18 a
-importCanonical flat
-  | V.length flat /= canonicalSize =
-      error ("canonical weights: " ++ show (V.length flat) ++ " values, expected " ++ show canonicalSize)
-  | otherwise = evalState (tensors take' resnet18) 0
+-- | The recipe's model with the canonical weights.
+importCanonical :: Scalar a => Recipe -> V.Vector a -> ResNet18 a
+importCanonical r flat
+  | V.length flat /= canonicalSize r =
+      error ("canonical weights: " ++ show (V.length flat) ++ " values, expected " ++ show (canonicalSize r))
+  | otherwise = evalState (tensors take' (resnet18 r)) 0
   where
     take' role old = state $ \offset ->
       let v = V.slice offset (V.length old) flat in (fromCanonical role v, offset + V.length old)
@@ -275,7 +303,7 @@ importCanonical flat
           (pixel, ci) = rest `quotRem` i
           (kh, kw) = pixel `quotRem` k
        in v V.! (((co * i + ci) * k + kh) * k + kw)
-    fromCanonical FcWeight v = flatten (tr (reshape (last stageWidths) v))
+    fromCanonical (FcWeight _ i) v = flatten (tr (reshape i v))
     fromCanonical _ v = V.force v
 
 exportCanonical :: ResNet18 Float -> V.Vector Float
@@ -286,5 +314,5 @@ exportCanonical = V.concat . getConst . tensors (\role v -> Const [toCanonical r
           (rest2, kh) = rest `quotRem` k
           (co, ci) = rest2 `quotRem` i
        in v V.! (((kh * k + kw) * i + ci) * o + co)
-    toCanonical FcWeight v = flatten (tr (reshape numClasses v))
+    toCanonical (FcWeight o _) v = flatten (tr (reshape o v))
     toCanonical _ v = v

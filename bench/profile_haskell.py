@@ -1,7 +1,9 @@
 """Where the Haskell trainer's time goes, by function (each layer's forward and backward pass): GHC's cost-centre
-profile of real training steps on MNIST, driven through the same page as the benchmark.
+profile of real training steps on MNIST, driven through the same page as the benchmark. Part of the harness, not of
+the page: it reads MNIST with bench.data.
 
-    implementations/haskell/profile.sh [STEPS] [MNIST_DIR]   # builds the profiling copy, then runs this module
+    implementations/haskell/profile.sh [STEPS] [MNIST_DIR]   # builds the profiling copy, then runs this module:
+    python -m bench.profile_haskell PROGRAM STEPS [MNIST_DIR]
 """
 
 from __future__ import annotations
