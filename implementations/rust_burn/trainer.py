@@ -36,7 +36,7 @@ class BurnTrainer(contract.Trainer):
 
     def build(self, weights):
         if self.config.precision != "fp32":
-            raise contract.ConfigError(f"--precision {self.config.precision}: the burn row trains in fp32 only")
+            raise contract.Unsupported(f"--precision {self.config.precision}: the burn row trains in fp32 only")
         self.device = select_device(self.config.device)
         data = self.data
         self.rust = mnist_burn.Trainer(data.train_images, data.train_labels, data.test_images, data.test_labels,
