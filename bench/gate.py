@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bench import cli
 from bench.errors import BenchError
-from bench.history import (METRICS, Comparison, Thresholds, add_threshold_options, commits_of, compare_with_history,
+from bench.changes import (METRICS, Comparison, Thresholds, add_threshold_options, commits_of, compare_with_history,
                            configuration, series_of, shown_effect, shown_value, thresholds_of)
 from bench.record import RunFile, RunRecord, load_run_file, load_runs
 from bench.summary import mebibytes, percent

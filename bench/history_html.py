@@ -24,7 +24,7 @@ import plotly.offline
 from matplotlib.colors import to_hex
 from plotly.subplots import make_subplots
 
-from bench.history import METRICS, Change, Metric, Series, Thresholds, before_and_after, shown_effect
+from bench.changes import METRICS, Change, Metric, Series, Thresholds, before_and_after, shown_effect
 from bench.record import RunRecord
 from bench.report import framework_styles
 from bench.text import printable
