@@ -28,6 +28,7 @@ class Framework(NamedTuple):
     # worker starts (as --replicas on a row without a data-parallel engine is, from its worker).
     precisions: tuple[str, ...] = ("fp32", "bf16")
     devices: tuple[str, ...] = ("cpu", "cuda")
+    data_parallel: bool = True  # it has a data-parallel engine (its Trainer's data_parallel names it)
 
     def worker_ranks(self, replicas: int) -> int:
         """How many worker processes a run on `replicas` replicas takes."""
@@ -39,6 +40,8 @@ class Framework(NamedTuple):
             return f"{self.name} trains in {' and '.join(self.precisions)} only, not --precision {config.precision}"
         if config.device != "auto" and config.device not in self.devices:
             return f"{self.name} runs on {' and '.join(self.devices)} only, not --device {config.device}"
+        if config.replicas > 1 and not self.data_parallel:
+            return f"{self.name} has no data-parallel engine, for --replicas {config.replicas}"
         return None
 
 
@@ -52,20 +55,22 @@ FRAMEWORKS = {
         Framework("flax", "implementations.flax_nnx.trainer:FlaxTrainer", ("jax", "flax", "optax"), "pip install '.[flax]'"),
         Framework("keras-jax", "implementations.keras3.trainer:Keras3Trainer", ("keras", "jax"), "pip install '.[keras,jax]'",
                   environment=(("KERAS_BACKEND", "jax"),)),
+        # Keras' distribution API runs on the JAX backend only.
         Framework("keras-torch", "implementations.keras3.trainer:Keras3Trainer", ("keras", "torch"),
-                  "pip install '.[keras,pytorch]'", environment=(("KERAS_BACKEND", "torch"),)),
+                  "pip install '.[keras,pytorch]'", environment=(("KERAS_BACKEND", "torch"),), data_parallel=False),
         Framework("keras-tensorflow", "implementations.keras3.trainer:Keras3Trainer", ("keras", "tensorflow"),
-                  "pip install '.[keras,tensorflow]'", environment=(("KERAS_BACKEND", "tensorflow"),)),
+                  "pip install '.[keras,tensorflow]'", environment=(("KERAS_BACKEND", "tensorflow"),),
+                  data_parallel=False),
         Framework("lightning", "implementations.lightning.trainer:LightningTrainer", ("torch", "pytorch_lightning"),
                   "pip install '.[lightning]'", process_per_replica=True),
         Framework("haskell", "implementations.haskell.trainer:HaskellTrainer", (),
                   "apt-get install -y ghc libghc-hmatrix-dev libghc-vector-dev libopenblas-dev cabal-install && "
                   "implementations/haskell/build.sh", programs=("implementations/haskell/bin/mnist-resnet",),
-                  precisions=("fp32",), devices=("cpu",)),  # float32 sgemm on the CPU's OpenBLAS
+                  precisions=("fp32",), devices=("cpu",), data_parallel=False),  # float32 sgemm on the CPU's OpenBLAS
         # Rust: a PyO3 extension that `make setup` builds where cargo is present.
         Framework("burn", "implementations.rust_burn.trainer:BurnTrainer", ("mnist_burn",),
                   "install Rust (curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh), then make setup",
-                  precisions=("fp32",)),
+                  precisions=("fp32",), data_parallel=False),
     )
 }
 
