@@ -287,7 +287,7 @@ def warn(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     defaults = Tolerances()
     parser = argparse.ArgumentParser(prog="python -m bench.gate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", metavar="BASELINE.json", help="e.g. results/baseline-smoke-cpu.json")
+    parser.add_argument("--baseline", metavar="BASELINE.json", help="e.g. results/baseline-smoke-cpu-epyc.json")
     parser.add_argument("--history", metavar="FOLDER",
                         help="compare each framework with the recent runs of the same machine, device and "
                              "configuration in this folder of runs (e.g. results/history-smoke-cpu), where it has "

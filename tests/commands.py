@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,3 +19,10 @@ def run_python(*args, timeout=600, env=None, cwd=REPO) -> subprocess.CompletedPr
     environment = {**os.environ, "PYTHONPATH": str(TESTS), **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=environment)
+
+
+def run_python_side_by_side(*commands: tuple[str, ...], **kwargs) -> list[subprocess.CompletedProcess]:
+    """Each command (a tuple of `python` arguments) as run_python runs it, all at once: commands that end in a usage
+    error spend most of their time starting an interpreter, one core each."""
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda args: run_python(*args, **kwargs), commands))

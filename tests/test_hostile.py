@@ -22,7 +22,7 @@ import pytest
 from bench import options
 from bench.record import load_run_file
 from bench.worker import SHUTDOWN_GRACE_S
-from commands import QUICK, REPO, TESTS, run_python
+from commands import QUICK, REPO, TESTS, run_python, run_python_side_by_side
 from implementations import contract
 
 MINE = "mine=implementations.pytorch.trainer:TorchTrainer"
@@ -56,10 +56,10 @@ def test_bad_run_options_are_refused_before_anything_runs(option, mnist_dir, tmp
     if option[:2] == ("--device", "cuda") and os.path.exists("/dev/nvidiactl"):
         pytest.skip("this machine has an NVIDIA driver")
     output = tmp_path / "new" / "out.json"
-    ran = run_python("-m", "bench", "run", "pytorch", *option, "--mnist-dir", mnist_dir, "--output", str(output),
-                     timeout=120)
-    session = run_python("-m", "pytest", "bench", "--frameworks=pytorch", *option, "--mnist-dir", mnist_dir,
-                         "-p", "no:cacheprovider", f"--benchmark-json={output}", timeout=120)
+    ran, session = run_python_side_by_side(
+        ("-m", "bench", "run", "pytorch", *option, "--mnist-dir", mnist_dir, "--output", str(output)),
+        ("-m", "pytest", "bench", "--frameworks=pytorch", *option, "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
+         f"--benchmark-json={output}"), timeout=120)
     for result, code in ((ran, 2), (session, 4)):
         assert result.returncode == code, result.stdout + result.stderr
         assert BAD_OPTIONS[option] in result.stderr and "Traceback" not in result.stderr, result.stderr
@@ -119,10 +119,10 @@ BAD_JOBS = {  # torchrun's variables of a launched job, --replicas -> what the o
 def test_a_launched_job_that_does_not_add_up_is_refused_before_anything_runs(job, mnist_dir, tmp_path):
     environment, replicas, message = BAD_JOBS[job]
     output = tmp_path / "new" / "out.json"
-    ran = run_python("-m", "bench", "run", "pytorch", "--replicas", replicas, "--mnist-dir", mnist_dir,
-                     "--output", str(output), env=environment, timeout=120)
-    session = run_python("-m", "pytest", "bench", "--replicas", replicas, "--mnist-dir", mnist_dir,
-                         "-p", "no:cacheprovider", f"--benchmark-json={output}", env=environment, timeout=120)
+    ran, session = run_python_side_by_side(
+        ("-m", "bench", "run", "pytorch", "--replicas", replicas, "--mnist-dir", mnist_dir, "--output", str(output)),
+        ("-m", "pytest", "bench", "--replicas", replicas, "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
+         f"--benchmark-json={output}"), env=environment, timeout=120)
     for result, code in ((ran, 2), (session, 4)):
         assert result.returncode == code, result.stdout + result.stderr
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
