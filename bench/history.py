@@ -35,7 +35,7 @@ from rich.text import Text
 from bench import cli
 from bench.errors import BenchError
 from bench.output import check_new_files, write_new_file
-from bench.changes import (METRICS, Change, Series, Thresholds, add_threshold_options, before_and_after, commits_of,
+from bench.changes import (METRICS, Change, Commit, Series, Thresholds, add_threshold_options, before_and_after, commits_of,
                            compare_with_history, find_changes, scale, series_of, shown_effect, thresholds_of)
 from bench.record import NORMALIZED_TIME_UNIT, load_runs
 from bench.text import printable
@@ -44,10 +44,12 @@ from bench.text import printable
 # --- Calibration on repeated runs of one commit -------------------------------------------------------------------------
 def calibration(series_list: list[Series], thresholds: Thresholds) -> tuple[list[Table], list[str]]:
     """The noise of repeated runs of one commit, per series and metric: the spread, the largest distance of a run
-    from its commit's median, and how many runs the gate would fail if each were gated against the others (false
-    alarms at the given thresholds); and the minimum effects that this noise calls for."""
+    from its commit's median, and how many runs the gate would fail if each were gated against the others. Then, per
+    kind of metric, whether the thresholds hold on that noise: no gate alarm, and no change found among the runs when
+    each is taken as a commit of its own (what a history of one run per commit would be)."""
     tables: dict[str, Table] = {}
     largest: dict[str, float] = {}
+    alarms: dict[str, list[int]] = {}  # kind -> [runs the gate fails, runs gated]
     for series in series_list:
         for metric in METRICS:
             for commit, values in series.samples(metric):
@@ -55,10 +57,11 @@ def calibration(series_list: list[Series], thresholds: Thresholds) -> tuple[list
                     continue
                 scaled = scale(metric, values)
                 excursion = float(np.max(np.abs(scaled - np.median(scaled))))
-                kind = "time" if metric.name == "epoch_time" else "memory" if metric.relative else "accuracy"
-                largest[kind] = max(largest.get(kind, 0.0), excursion)
-                alarms = sum(compare_with_history(metric, values[:index] + values[index + 1:], values[index], 1,
+                largest[kind_of(metric)] = max(largest.get(kind_of(metric), 0.0), excursion)
+                failed = sum(compare_with_history(metric, values[:index] + values[index + 1:], values[index], 1,
                                                   thresholds).regression(thresholds) for index in range(len(values)))
+                counts = alarms.setdefault(kind_of(metric), [0, 0])
+                counts[0], counts[1] = counts[0] + failed, counts[1] + len(values)
                 size = (lambda spread: f"{math.expm1(spread):.1%}") if metric.relative else (lambda spread: f"{spread:.2f} pt")
                 if series.machine not in tables:
                     tables[series.machine] = narrow_table(f"Repeated runs on {series.machine}", (
@@ -67,17 +70,41 @@ def calibration(series_list: list[Series], thresholds: Thresholds) -> tuple[list
                                 "median; gate alarms: the runs bench.gate --history fails when gated against the others")
                 tables[series.machine].add_row(*map(Text, (
                     printable(series.framework), metric.short, commit.label, str(len(values)),
-                    size(float(np.std(scaled, ddof=1))), size(excursion), f"{alarms} of {len(values)}")))
+                    size(float(np.std(scaled, ddof=1))), size(excursion), f"{failed} of {len(values)}")))
+    changes, _ = find_changes(runs_as_commits(series_list), thresholds)
     current = {"time": thresholds.min_time_change, "memory": thresholds.min_memory_change,
                "accuracy": thresholds.min_accuracy_change}
     advice = []
     for kind, excursion in sorted(largest.items()):
         needed = math.expm1(excursion) if kind != "accuracy" else excursion
         shown = (lambda value: f"{value:.1%}") if kind != "accuracy" else (lambda value: f"{value:.2f} points")
-        verdict = "covers it" if current[kind] >= needed else f"is below it: raise it to at least {shown(needed)}"
-        advice.append(f"{kind}: the largest excursion of one run from its commit's median is {shown(needed)}; the "
-                      f"minimum change of {shown(current[kind])} {verdict}")
+        found = [change for change in changes if kind_of(change.metric) == kind]
+        failed, gated = alarms[kind]
+        larger = f"needs a larger minimum change, towards the largest excursion of one run, {shown(needed)}"
+        advice.append(
+            f"{kind}: at a minimum change of {shown(current[kind])}, bench.gate --history fails {failed} of {gated} "
+            f"runs gated against the others ({larger if failed else 'it holds'}); bench.history finds {len(found)} "
+            f"change(s) among the runs taken as commits of their own ("
+            f"{', '.join(printable(change.series.framework) for change in found) + ': ' + larger if found else 'it holds'})")
     return list(tables.values()), advice
+
+
+def kind_of(metric) -> str:
+    return "time" if metric.name == "epoch_time" else "memory" if metric.relative else "accuracy"
+
+
+def runs_as_commits(series_list: list[Series]) -> list[Series]:
+    """Each commit's repeated runs (3 or more) as a series of their own, each run a commit of its own in the order the
+    runs started: a change found there is a false alarm."""
+    split = []
+    for series in series_list:
+        for commit in {id(commit): commit for commit, _, _ in series.points}.values():
+            points = [(Commit(None, False, run.started, [run]), run, record)
+                      for pooled, run, record in series.points if pooled is commit]
+            if len(points) >= 3:
+                split.append(Series(series.machine, series.framework, f"{series.configuration}, {commit.label}",
+                                    sorted(points, key=lambda point: point[0].order)))
+    return split
 
 
 # --- Output -----------------------------------------------------------------------------------------------------------
