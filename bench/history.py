@@ -35,8 +35,9 @@ from rich.text import Text
 from bench import cli
 from bench.errors import BenchError
 from bench.output import check_new_files, write_new_file
-from bench.changes import (METRICS, Change, Commit, Series, Thresholds, add_threshold_options, before_and_after, commits_of,
-                           compare_with_history, find_changes, scale, series_of, shown_effect, thresholds_of)
+from bench.changes import (METRICS, Change, Commit, Metric, Series, Thresholds, add_threshold_options, before_and_after,
+                           commits_of, compare_with_history, find_changes, scale, series_of, shown_effect,
+                           thresholds_of)
 from bench.record import NORMALIZED_TIME_UNIT, load_runs
 from bench.text import printable
 
@@ -57,10 +58,11 @@ def calibration(series_list: list[Series], thresholds: Thresholds) -> tuple[list
                     continue
                 scaled = scale(metric, values)
                 excursion = float(np.max(np.abs(scaled - np.median(scaled))))
-                largest[kind_of(metric)] = max(largest.get(kind_of(metric), 0.0), excursion)
+                kind = kind_of(metric)
+                largest[kind] = max(largest.get(kind, 0.0), excursion)
                 failed = sum(compare_with_history(metric, values[:index] + values[index + 1:], values[index], 1,
                                                   thresholds).regression(thresholds) for index in range(len(values)))
-                counts = alarms.setdefault(kind_of(metric), [0, 0])
+                counts = alarms.setdefault(kind, [0, 0])
                 counts[0], counts[1] = counts[0] + failed, counts[1] + len(values)
                 size = (lambda spread: f"{math.expm1(spread):.1%}") if metric.relative else (lambda spread: f"{spread:.2f} pt")
                 if series.machine not in tables:
@@ -81,15 +83,16 @@ def calibration(series_list: list[Series], thresholds: Thresholds) -> tuple[list
         found = [change for change in changes if kind_of(change.metric) == kind]
         failed, gated = alarms[kind]
         larger = f"needs a larger minimum change, towards the largest excursion of one run, {shown(needed)}"
+        found_in = ", ".join(printable(change.series.framework) for change in found)
         advice.append(
             f"{kind}: at a minimum change of {shown(current[kind])}, bench.gate --history fails {failed} of {gated} "
             f"runs gated against the others ({larger if failed else 'it holds'}); bench.history finds {len(found)} "
             f"change(s) among the runs taken as commits of their own ("
-            f"{', '.join(printable(change.series.framework) for change in found) + ': ' + larger if found else 'it holds'})")
+            f"{found_in + ': ' + larger if found else 'it holds'})")
     return list(tables.values()), advice
 
 
-def kind_of(metric) -> str:
+def kind_of(metric: Metric) -> str:
     return "time" if metric.name == "epoch_time" else "memory" if metric.relative else "accuracy"
 
 
