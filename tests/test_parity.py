@@ -28,10 +28,6 @@ from implementations import FRAMEWORKS, contract
 # on GPUs too: TF32 alone would move logits by ~1e-3.
 CONFIG = contract.RunConfig(epochs=780, train_subset=384, test_subset=1000, allow_tf32=False)
 REFERENCE = FRAMEWORKS["pytorch"]
-
-
-def under_changed_recipe(framework):
-    return framework._replace(module=f"changed_recipe:{framework.name}")
 BATCH = CONFIG.batch_size
 
 EVAL_LOGITS_ATOL = 1e-4  # the issue's bound; measured: TensorFlow 2.4e-7, JAX 5.7e-7
@@ -53,6 +49,11 @@ SHORT_RUN_STEPS, SHORT_RUN_WINDOW = 30, 10
 # (7.6% and 9.4% under the first recipe's peak rate 0.1), the largest in the last windows, as chaos grows step by step.
 SHORT_RUN_RTOL = 0.2
 FIRST_STEPS = 2  # the second is where momentum formulations part: the buffer is no longer zero, the rate has doubled
+
+
+def under_changed_recipe(framework):
+    """The framework's trainer, loaded in its worker under tests/changed_recipe.py."""
+    return framework._replace(module=f"changed_recipe:{framework.name}")
 
 
 @pytest.fixture(scope="session")
