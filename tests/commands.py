@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 # Options of a run that exercises the harness, not learning: two steps of 128 images, one evaluation batch.
 QUICK = ("--preset", "smoke", "--epochs", "1", "--train-subset", "256", "--test-subset", "1000", "--min-accuracy", "0")
+REAL_SESSION_IMAGES = 512  # the training images of the real `pytest bench` session (tests/conftest.py): 4 batches
 
 
 def run_python(*args, timeout=600, env=None, cwd=REPO) -> subprocess.CompletedProcess:

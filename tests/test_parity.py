@@ -66,6 +66,23 @@ def initial():
     return contract.initial_weights(CONFIG.seed)
 
 
+@pytest.fixture(autouse=True)
+def built_ahead(request, workers):
+    """From a framework's first check on, the workers of its data-parallel checks and the next framework's first worker
+    build in the background (WorkerPool.build_ahead), while its one-device checks run."""
+    framework = getattr(request.node, "callspec", None) and request.node.callspec.params.get("framework")
+    if framework is None:
+        return
+    for processes in (None, 2):
+        if not data_parallel_skip(framework, processes):
+            workers.build_ahead(under_changed_recipe(framework), CONFIG.with_options(replicas=2), processes=processes)
+    items = request.session.items
+    following = (item.callspec.params["framework"] for item in items[items.index(request.node) + 1:]
+                 if item.module is request.module and "framework" in item.fixturenames)
+    if (upcoming := next((f for f in following if f != framework), None)) is not None:
+        workers.build_ahead(under_changed_recipe(upcoming), CONFIG)
+
+
 @pytest.fixture
 def other(framework, workers, initial):
     """The framework's worker, freshly reset to the canonical initial weights. The reference is checked against a
@@ -190,13 +207,18 @@ def first_steps_problems(framework, worker, data, initial, reference) -> list[st
     return problems
 
 
+def data_parallel_skip(framework, processes: int | None) -> str | None:
+    """Why the framework's data-parallel check in `processes` processes does not run, known without a worker."""
+    if processes == 2 and framework.process_per_replica:
+        return f"{framework.name}: its two replicas always are two processes (two_replicas)"
+    return framework.cannot_run(CONFIG.with_options(replicas=2))
+
+
 @pytest.fixture
 def data_parallel(framework, workers, initial, processes):
     """The framework's worker training on 2 replicas of its data-parallel engine, in one process or as a job of two
     (one replica each, the engine's path across machines); skipped where the engine has no such path."""
-    if processes == 2 and framework.process_per_replica:
-        pytest.skip(f"{framework.name}: its two replicas always are two processes (two_replicas)")
-    if reason := framework.cannot_run(CONFIG.with_options(replicas=2)):
+    if reason := data_parallel_skip(framework, processes):
         pytest.skip(reason)  # known from the registry: no worker started
     try:
         worker = workers.get(under_changed_recipe(framework), CONFIG.with_options(replicas=2), processes=processes)
