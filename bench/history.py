@@ -50,6 +50,7 @@ def calibration(series_list: list[Series], thresholds: Thresholds) -> tuple[list
     each is taken as a commit of its own (what a history of one run per commit would be)."""
     tables: dict[str, Table] = {}
     largest: dict[str, float] = {}
+    metric_of: dict[str, Metric] = {}  # kind -> one of its metrics: the thresholds' minimum is per kind
     alarms: dict[str, list[int]] = {}  # kind -> [runs the gate fails, runs gated]
     for series in series_list:
         for metric in METRICS:
@@ -59,6 +60,7 @@ def calibration(series_list: list[Series], thresholds: Thresholds) -> tuple[list
                 scaled = scale(metric, values)
                 excursion = float(np.max(np.abs(scaled - np.median(scaled))))
                 kind = kind_of(metric)
+                metric_of[kind] = metric
                 largest[kind] = max(largest.get(kind, 0.0), excursion)
                 failed = sum(compare_with_history(metric, values[:index] + values[index + 1:], values[index], 1,
                                                   thresholds).regression(thresholds) for index in range(len(values)))
@@ -74,10 +76,9 @@ def calibration(series_list: list[Series], thresholds: Thresholds) -> tuple[list
                     printable(series.framework), metric.short, commit.label, str(len(values)),
                     size(float(np.std(scaled, ddof=1))), size(excursion), f"{failed} of {len(values)}")))
     changes, _ = find_changes(runs_as_commits(series_list), thresholds)
-    current = {"time": thresholds.min_time_change, "memory": thresholds.min_memory_change,
-               "accuracy": thresholds.min_accuracy_change}
     advice = []
     for kind, excursion in sorted(largest.items()):
+        current = thresholds.minimum(metric_of[kind])
         needed = math.expm1(excursion) if kind != "accuracy" else excursion
         shown = (lambda value: f"{value:.1%}") if kind != "accuracy" else (lambda value: f"{value:.2f} points")
         found = [change for change in changes if kind_of(change.metric) == kind]
@@ -85,7 +86,7 @@ def calibration(series_list: list[Series], thresholds: Thresholds) -> tuple[list
         larger = f"needs a larger minimum change, towards the largest excursion of one run, {shown(needed)}"
         found_in = ", ".join(printable(change.series.framework) for change in found)
         advice.append(
-            f"{kind}: at a minimum change of {shown(current[kind])}, bench.gate --history fails {failed} of {gated} "
+            f"{kind}: at a minimum change of {shown(current)}, bench.gate --history fails {failed} of {gated} "
             f"runs gated against the others ({larger if failed else 'it holds'}); bench.history finds {len(found)} "
             f"change(s) among the runs taken as commits of their own ("
             f"{found_in + ': ' + larger if found else 'it holds'})")

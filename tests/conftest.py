@@ -55,7 +55,7 @@ class WorkerPool:
         if framework.name not in self.checked | {"pytorch"}:
             self.close(self.checked - {"pytorch"})
         self.checked.add(framework.name)
-        key = request[:1] + (config.replicas,) + request[2:]
+        key = self.key(request)
         worker, built = self.workers.pop(key, (None, None))
         if request in self.ahead:
             if worker is not None:
@@ -69,14 +69,19 @@ class WorkerPool:
     def build_ahead(self, framework, config: contract.RunConfig, copy: int = 0, processes: int | None = None) -> None:
         """Start building the worker that get() with the same arguments will return, unless one is there for it."""
         request = self.request(framework, config, copy, processes)
-        key = request[:1] + (config.replicas,) + request[2:]
-        if request not in self.built and key not in self.workers:
+        if request not in self.built and self.key(request) not in self.workers:
             self.built.add(request)
             self.ahead[request] = self.builders.submit(self.build, framework, config, request)
 
     @staticmethod
     def request(framework, config, copy, processes) -> tuple:
         return framework.name, config, copy, processes or framework.worker_ranks(config.replicas)
+
+    @staticmethod
+    def key(request) -> tuple:
+        """The worker that serves `request`, rebuilt in place for another configuration with the same replicas."""
+        name, config, copy, processes = request
+        return name, config.replicas, copy, processes
 
     def build(self, framework, config, request, worker: FrameworkWorker | None = None) -> FrameworkWorker:
         self.built.add(request)

@@ -70,9 +70,9 @@ def initial():
 def built_ahead(request, workers):
     """From a framework's first check on, the workers of its data-parallel checks and the next framework's first worker
     build in the background (WorkerPool.build_ahead), while its one-device checks run."""
-    framework = getattr(request.node, "callspec", None) and request.node.callspec.params.get("framework")
-    if framework is None:
+    if "framework" not in request.fixturenames:
         return
+    framework = request.getfixturevalue("framework")
     for processes in (None, 2):
         if not data_parallel_skip(framework, processes):
             workers.build_ahead(under_changed_recipe(framework), CONFIG.with_options(replicas=2), processes=processes)
