@@ -133,8 +133,9 @@ class FlaxTrainer(contract.Trainer):
         # Made once: the transformation is static in the nnx.Optimizer's graph, which nnx.jit caches on, so a new one
         # per import_weights would recompile the first step of every run.
         self.sgd = make_optimizer(self.learning_rate)
-        with jax.default_device(self.device):
-            self.model = ResNet18(dtype, nnx.Rngs(0))  # Flax's own initialization, overwritten by import_weights
+        # The model's structure alone (nnx.eval_shape: no initializer runs), as the Flax examples restore a checkpoint:
+        # import_weights gives every variable its value.
+        self.model = nnx.eval_shape(lambda: ResNet18(dtype, nnx.Rngs(0)))
         self.train_images, self.train_labels, self.test_images, self.test_labels = device_data(self.data,
                                                                                               self.replicated)
         self.import_weights(weights)
@@ -216,6 +217,8 @@ class FlaxTrainer(contract.Trainer):
     def import_weights(self, weights):
         import_canonical(self.model, weights, self.replicated)
         self.optimizer = nnx.Optimizer(self.model, self.sgd, wrt=nnx.Param)  # zero momentum, step 0
+        # Placed as the train step returns it: a step count made on the default device would compile the step twice.
+        nnx.update(self.optimizer, jax.device_put(nnx.state(self.optimizer), self.replicated))
 
     def export_weights(self):
         return export_canonical(self.model)
@@ -238,7 +241,7 @@ def nnx_variable(model: ResNet18, name: str) -> nnx.Variable:
 
 def import_canonical(model: ResNet18, weights: contract.Weights, placement: NamedSharding) -> None:
     for name, array in contract.check_weights(weights).items():
-        nnx_variable(model, name)[...] = jax.device_put(contract.to_channels_last(array), placement)
+        nnx_variable(model, name).set_value(jax.device_put(contract.to_channels_last(array), placement))
 
 
 def export_canonical(model: ResNet18) -> contract.Weights:

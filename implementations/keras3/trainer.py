@@ -223,7 +223,7 @@ class Keras3Trainer(contract.Trainer):
         keras.mixed_precision.set_global_policy("mixed_bfloat16" if self.config.precision == "bf16" else "float32")
         with keras.device(self.device):
             self.model = ResNet18()
-            self.model(ops.zeros([1, 28, 28, 1]))  # creates the variables; import_weights() sets them
+            self.model(keras.Input((28, 28, 1)))  # a symbolic call: creates the variables, computes nothing
             self.schedule_fn = TableSchedule(self.schedule)
             self.optimizer = SGD(self.schedule_fn)
             self.optimizer.build(self.model.trainable_variables)
