@@ -1,7 +1,7 @@
 # The two commands of the README:
 #   make bench   set up (once) and benchmark every installed framework; results are kept in results/history/
 #   make test    set up (once) and run the harness tests, the parity suite, and a short benchmark gated on accuracy
-#                and against the committed baseline (results/baseline-smoke-cpu-epyc.json)
+#                and against the committed baseline (results/baseline-smoke-cpu-epyc-3072.json)
 # Pass benchmark options with ARGS, e.g.  make bench ARGS="--frameworks=pytorch,jax --epochs 3"
 
 VENV ?= .venv

@@ -20,5 +20,5 @@ if [ -d "$history" ]; then
 else
     set --
 fi
-exec python -m bench.gate --baseline "${BASELINE:-results/baseline-smoke-cpu-epyc.json}" "$smoke_json" \
+exec python -m bench.gate --baseline "${BASELINE:-results/baseline-smoke-cpu-epyc-3072.json}" "$smoke_json" \
     --max-memory-increase 0.5 --allow-device-change "$@"

@@ -17,11 +17,12 @@ from bench.generated_history import Planted, write_history
 from bench.record import SELECTED_FRAMEWORKS, RunRecord, load_run_file
 from bench.summary import mebibytes
 from commands import QUICK, REPO, run_python
+from implementations import contract
 from runfiles import FRAMEWORK, entry, on_other_machine, renamed, variant, write
 
-# The baseline that `make test` gates against (bench/smoke-gate.sh), and one it gated against before: both are data.
+# The baseline that `make test` gates against (bench/smoke-gate.sh), and those it gated against before: all are data.
 BASELINE = REPO / re.search(r"results/baseline-[\w.-]+\.json", (REPO / "bench" / "smoke-gate.sh").read_text()).group()
-EARLIER_BASELINE = REPO / "results" / "baseline-smoke-cpu.json"
+EARLIER_BASELINES = [REPO / "results" / "baseline-smoke-cpu.json", REPO / "results" / "baseline-smoke-cpu-epyc.json"]
 
 
 @pytest.fixture
@@ -94,7 +95,8 @@ def test_the_committed_baseline_is_a_readable_smoke_run_of_every_framework():
     baseline = load_run_file(BASELINE)
     records = baseline.by_framework()
     assert set(records) >= {"pytorch", "lightning", "tensorflow", "jax"}
-    assert all(r.config["train_subset"] == 4096 and r.matmul is not None for r in records.values())
+    assert all(r.config["train_subset"] == contract.PRESETS["smoke"].train_subset and r.matmul is not None
+               for r in records.values())
     assert BASELINE.stat().st_size < 300_000
 
 
@@ -391,8 +393,9 @@ CURRENT_DOCS = {REPO / "README.md", REPO / "results" / "README.md", REPO / ".git
 
 
 @pytest.mark.parametrize("baseline, described", [(BASELINE, CURRENT_DOCS),
-                                                 (EARLIER_BASELINE, {REPO / "results" / "README.md"})],
-                         ids=["current", "earlier"])
+                                                 *[(earlier, {REPO / "results" / "README.md"})
+                                                   for earlier in EARLIER_BASELINES]],
+                         ids=["current", "earlier-xeon", "earlier-epyc"])
 def test_the_docs_describe_the_machine_and_commit_of_the_committed_baseline(baseline, described):
     data = json.loads(baseline.read_text())
     brand, cores, commit = data["machine_info"]["cpu"]["brand_raw"], data["machine_info"]["cpu"]["count"], \

@@ -211,24 +211,25 @@ def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path, r
         tmp_path / "dangling.json" / "out.json": "is a dangling symbolic link",
         tmp_path / ("x" * 251 + ".json"): r"cannot be written \(File name too long\)",
     }
-    for output, message in cases.items():
-        ran = run_python("-m", "bench", "run", "pytorch", "--mnist-dir", mnist_dir, "--output", str(output), timeout=120)
-        assert ran.returncode == 2 and f"--output {output}" in ran.stderr and re.search(message, ran.stderr), ran.stderr
-        session = run_python("-m", "pytest", "bench", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
-                             f"--benchmark-json={output}", timeout=120)
-        assert session.returncode == 4 and re.search(message, session.stderr), session.stderr
+    session = ("-m", "pytest", "bench", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider")
+    runs = [("-m", "bench", "run", "pytorch", "--mnist-dir", mnist_dir, "--output", str(output)) for output in cases]
+    sessions = [(*session, f"--benchmark-json={output}") for output in cases]
     # The longest name a file may have, whose interrupted twin (NAME.partial.json) could not be written.
     longest = tmp_path / ("x" * 250 + ".json")
-    session = run_python("-m", "pytest", "bench", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
-                         f"--benchmark-json={longest}", timeout=120)
-    assert session.returncode == 4 and f"{'x' * 250}.partial.json cannot be written (File name too long)" \
-        in session.stderr, session.stderr
     # The autosaved history, as `make bench` writes it (a read-only results/ in a container run as another user).
-    for storage, message in ((read_only_folder, cannot_write), (tmp_path / "a-file", "is a file, not a folder")):
-        session = run_python("-m", "pytest", "bench", "--mnist-dir", mnist_dir, "-p", "no:cacheprovider",
-                             "--benchmark-autosave", f"--benchmark-storage=file://{storage}", timeout=120)
-        assert session.returncode == 4 and f"--benchmark-autosave (--benchmark-storage {storage})" in session.stderr
-        assert re.search(message, session.stderr), session.stderr
+    storages = {read_only_folder: cannot_write, tmp_path / "a-file": "is a file, not a folder"}
+    autosaves = [(*session, "--benchmark-autosave", f"--benchmark-storage=file://{storage}") for storage in storages]
+    results = run_python_side_by_side(*runs, *sessions, (*session, f"--benchmark-json={longest}"), *autosaves,
+                                      timeout=120)
+    for (output, message), ran, refused in zip(cases.items(), results, results[len(cases):]):
+        assert ran.returncode == 2 and f"--output {output}" in ran.stderr and re.search(message, ran.stderr), ran.stderr
+        assert refused.returncode == 4 and re.search(message, refused.stderr), refused.stderr
+    refused = results[2 * len(cases)]
+    assert refused.returncode == 4 and f"{'x' * 250}.partial.json cannot be written (File name too long)" \
+        in refused.stderr, refused.stderr
+    for (storage, message), refused in zip(storages.items(), results[2 * len(cases) + 1:]):
+        assert refused.returncode == 4 and f"--benchmark-autosave (--benchmark-storage {storage})" in refused.stderr
+        assert re.search(message, refused.stderr), refused.stderr
     assert not (tmp_path / "nowhere").exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file", "dangling.json", "read-only"], \
         "a refused run left a file or a folder behind"
