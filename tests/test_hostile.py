@@ -219,15 +219,16 @@ def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path, r
     # The autosaved history, as `make bench` writes it (a read-only results/ in a container run as another user).
     storages = {read_only_folder: cannot_write, tmp_path / "a-file": "is a file, not a folder"}
     autosaves = [(*session, "--benchmark-autosave", f"--benchmark-storage=file://{storage}") for storage in storages]
-    results = run_python_side_by_side(*runs, *sessions, (*session, f"--benchmark-json={longest}"), *autosaves,
-                                      timeout=120)
-    for (output, message), ran, refused in zip(cases.items(), results, results[len(cases):]):
+    results = iter(run_python_side_by_side(*runs, *sessions, (*session, f"--benchmark-json={longest}"), *autosaves,
+                                           timeout=120))
+    ended_runs, ended_sessions = [next(results) for _ in runs], [next(results) for _ in sessions]
+    refused_longest = next(results)
+    for (output, message), ran, refused in zip(cases.items(), ended_runs, ended_sessions):
         assert ran.returncode == 2 and f"--output {output}" in ran.stderr and re.search(message, ran.stderr), ran.stderr
         assert refused.returncode == 4 and re.search(message, refused.stderr), refused.stderr
-    refused = results[2 * len(cases)]
-    assert refused.returncode == 4 and f"{'x' * 250}.partial.json cannot be written (File name too long)" \
-        in refused.stderr, refused.stderr
-    for (storage, message), refused in zip(storages.items(), results[2 * len(cases) + 1:]):
+    assert refused_longest.returncode == 4 and f"{'x' * 250}.partial.json cannot be written (File name too long)" \
+        in refused_longest.stderr, refused_longest.stderr
+    for (storage, message), refused in zip(storages.items(), results):
         assert refused.returncode == 4 and f"--benchmark-autosave (--benchmark-storage {storage})" in refused.stderr
         assert re.search(message, refused.stderr), refused.stderr
     assert not (tmp_path / "nowhere").exists()
